@@ -1,0 +1,51 @@
+# Two commands on a fresh clone: `make train` (set up + main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCHREC := torchrec==1.8.0
+DATASET ?= data/synthetic-small
+CONFIG ?= configs/default.yaml
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: setup setup-gpu train test typecheck clean
+
+setup: $(VENV)/.installed-cpu
+
+$(VENV)/.installed-cpu: requirements/cpu.txt requirements/common.txt requirements/dev.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/cpu.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps $(TORCHREC)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-gpu
+	touch $@
+
+# GPU nodes: CUDA torch + fbgemm-gpu into the same .venv (replaces the CPU build).
+setup-gpu: $(VENV)/.installed-gpu
+
+$(VENV)/.installed-gpu: requirements/gpu.txt requirements/common.txt requirements/dev.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip uninstall -q -y fbgemm-gpu-cpu || true
+	$(PY) -m pip install -q -r requirements/gpu.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps $(TORCHREC)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-cpu
+	touch $@
+
+# The main job: generate the built-in synthetic click log (once), then a 2-process torchx training job.
+train: setup
+	$(BIN)/compactrec generate small --out $(DATASET)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $(CONFIG) --nproc $(NPROC) $(ARGS)
+
+# The whole test suite. pytest's exit code 5 (no tests collected) is a failure here, said plainly.
+test: setup
+	@PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest tests -q -ra --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - treating as failure"; exit 1; fi; \
+	exit $$rc
+
+typecheck: setup
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,104 @@
+"""Options of the ``memrec`` method (MEM-REC, Jha et al. 2023), validated strictly at construction.
+
+Defaults are the released CriteoTB setting (D = dw = 75000, K = kw = 1, two tables shared by all features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+# A weight-row index travels through TorchRec's input all-to-all as a float32 KJT weight; float32
+# represents every integer exactly only up to 2**24.
+MAX_WEIGHT_ROWS = 1 << 24
+
+GRANULARITIES = ("per_token", "per_sample")
+POOLINGS = ("sum", "mean")
+WEIGHT_INITS = ("uniform", "ones")
+TOKEN_INITS = ("uniform", "normal")
+HASHES = ("mix", "identity")
+
+
+def _where(name: str) -> str:
+    return f"embeddings.options.{name}"
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_where(name)} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{_where(name)} must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{_where(name)} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass
+class MemRecOptions:
+    """MEM-REC hyper-parameters.
+
+    - ``num_token_rows`` (D): rows of each token table (of the one shared table if ``shared_tables``).
+    - ``num_weight_rows`` (dw): rows of each dw x 1 weight table; at most 2**24 (the row index travels
+      as a float32 KJT weight through the input all-to-all).
+    - ``num_token_hashes`` (K) / ``num_weight_hashes`` (kw): hashes per id into the token / weight table.
+      Each id becomes K * kw weighted token lookups: z = sum_k sum_j w[g_j] * M[h_k].
+    - ``shared_tables``: one token table and one weight table for all features (the paper's "two
+      tables"), else one of each per feature. The feature index is hashed in either way.
+    - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag; "mean" divides by the number of
+      original ids in the bag (not the K * kw expanded lookups); an empty bag gives zeros.
+    - ``seed``: hash seed, in [0, 2**63).
+    - ``weight_init``: "uniform" = U(+-sqrt(1/dw)), the released code's DLRM rule U(+-sqrt(1/rows))
+      (it has D = dw), which starts every z near zero; "ones" = every weight 1, so alpha = kw at start
+      and z starts as the plain sum of the K token rows.
+    - ``token_init``: "uniform" = U(+-sqrt(1/D)) (DLRM / TorchRec default); "normal" = N(0, sqrt(1/D)).
+    - ``granularity``: "per_token" (one vector per sample and feature, drop-in for an
+      EmbeddingBagCollection) or "per_sample" (the released code: all features of a sample in one bag,
+      one m-dim vector per sample; needs ``shared_tables``).
+    - ``hash``: "mix" (splitmix64-based, see ``embeddings.hashing``) or "identity": token row =
+      id mod D and weight row 0 (needs K = kw = 1): with D >= id range and a weight of 1 the module
+      is exactly an EmbeddingBagCollection, the degenerate setting that parity tests pin.
+    """
+
+    num_token_rows: int = 75_000
+    num_weight_rows: int = 75_000
+    num_token_hashes: int = 1
+    num_weight_hashes: int = 1
+    shared_tables: bool = True
+    pooling: str = "sum"
+    seed: int = 0
+    weight_init: str = "uniform"
+    token_init: str = "uniform"
+    granularity: str = "per_token"
+    hash: str = "mix"
+
+    def __post_init__(self) -> None:
+        _check_int("num_token_rows", self.num_token_rows, 1)
+        _check_int("num_weight_rows", self.num_weight_rows, 1, MAX_WEIGHT_ROWS)
+        _check_int("num_token_hashes", self.num_token_hashes, 1)
+        _check_int("num_weight_hashes", self.num_weight_hashes, 1)
+        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+        if not isinstance(self.shared_tables, bool):
+            raise TypeError(f"{_where('shared_tables')} must be a bool, got {self.shared_tables!r}")
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        _check_choice("token_init", self.token_init, TOKEN_INITS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("hash", self.hash, HASHES)
+        if self.granularity == "per_sample" and not self.shared_tables:
+            raise ValueError(
+                f"{_where('shared_tables')} must be true with granularity 'per_sample' "
+                "(all features of a sample share one bag, hence one token table), got false"
+            )
+        if self.hash == "identity" and (self.num_token_hashes != 1 or self.num_weight_hashes != 1):
+            raise ValueError(
+                f"{_where('hash')} 'identity' needs num_token_hashes = num_weight_hashes = 1, got "
+                f"{self.num_token_hashes} and {self.num_weight_hashes}"
+            )
+
+    @property
+    def lookups_per_id(self) -> int:
+        """Weighted token lookups each raw id expands into (per-token granularity): K * kw."""
+        return self.num_token_hashes * self.num_weight_hashes

@@ -1,0 +1,53 @@
+"""Registry of sparse-arch methods: the trainer picks one by ``embeddings.kind``.
+
+Methods register themselves at import of their module; :func:`get` imports the built-in ones lazily so
+importing the registry stays cheap and has no cycles.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List
+
+from embeddings.types import SparseArchSpec
+
+_REGISTRY: Dict[str, SparseArchSpec] = {}
+
+# name -> module that registers it (imported on first lookup)
+_BUILTIN_MODULES: Dict[str, str] = {
+    "full": "embeddings.full",
+    "memrec": "embeddings.memrec",
+}
+
+
+def register(spec: SparseArchSpec) -> SparseArchSpec:
+    """Register ``spec``; registering a different spec under an existing name is an error."""
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and existing is not spec:
+        raise ValueError(f"sparse arch {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin(name: str) -> None:
+    module = _BUILTIN_MODULES.get(name)
+    if module is not None and name not in _REGISTRY:
+        importlib.import_module(module)
+
+
+def get(name: str) -> SparseArchSpec:
+    """The spec registered as ``name``; a clear error lists the valid names otherwise."""
+    _load_builtin(name)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown embeddings.kind {name!r}; registered kinds: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> List[str]:
+    """All known method names (built-in ones whether or not imported yet)."""
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def register_builtin(name: str, module: str) -> None:
+    """Declare where a built-in method lives (used by packages adding methods lazily)."""
+    _BUILTIN_MODULES[name] = module

@@ -1,0 +1,180 @@
+"""Value types shared by every sparse-arch (embedding) method.
+
+A method (``full``, ``memrec``, ``lma``, ...) is registered once as a :class:`SparseArchSpec`; the trainer
+only talks to that spec. Adding a method therefore never changes the trainer: it registers a module
+builder, its options dataclass, its sharders and its default placement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder
+
+
+@dataclass(frozen=True)
+class SparseArchContext:
+    """What the trainer knows about the sparse features when it builds the embedding module.
+
+    ``num_embeddings_per_feature`` are the sizes of the *full* (uncompressed) tables of the model: the
+    reference every compression ratio is computed against. ``pooling_factors`` is the mean number of ids
+    per sample and feature (1.0 for one-hot data).
+    """
+
+    feature_names: Sequence[str]
+    num_embeddings_per_feature: Sequence[int]
+    embedding_dim: int
+    device: torch.device
+    pooling_factors: Optional[Sequence[float]] = None
+
+    def __post_init__(self) -> None:
+        if len(self.feature_names) != len(self.num_embeddings_per_feature):
+            raise ValueError(
+                f"{len(self.feature_names)} feature names but "
+                f"{len(self.num_embeddings_per_feature)} table sizes"
+            )
+        for name, rows in zip(self.feature_names, self.num_embeddings_per_feature):
+            if rows <= 0:
+                raise ValueError(f"table size of feature {name!r} must be positive, got {rows}")
+        if self.embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.pooling_factors is not None and len(self.pooling_factors) != len(self.feature_names):
+            raise ValueError("pooling_factors must have one entry per feature")
+
+    def pooling_factor(self, index: int) -> float:
+        return 1.0 if self.pooling_factors is None else float(self.pooling_factors[index])
+
+
+@dataclass(frozen=True)
+class TopologyInfo:
+    """The cluster shape placement defaults depend on (e.g. table_row_wise only with several nodes)."""
+
+    world_size: int
+    local_world_size: int
+    compute_device: str  # "cpu" or "cuda"
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+@dataclass(frozen=True)
+class TableMemory:
+    """Exact bytes of one table/buffer kept by a method (optimizer state reported separately)."""
+
+    name: str
+    rows: int
+    cols: int
+    bytes: int
+    kind: str  # "parameter" or "buffer"
+
+
+@dataclass
+class MemoryReport:
+    """Bytes kept by a sparse arch, and the ratio against the full tables of the same model."""
+
+    tables: List[TableMemory]
+    optimizer_state_bytes: int
+    full_table_bytes: int
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables if t.kind == "parameter")
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables if t.kind == "buffer")
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything needed at inference: parameters and buffers (dictionaries, hash seeds...)."""
+        return self.parameter_bytes + self.buffer_bytes
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.full_table_bytes / max(1, self.total_bytes)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "tables": [dataclasses.asdict(t) for t in self.tables],
+            "parameter_bytes": self.parameter_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "total_bytes": self.total_bytes,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
+            "full_table_bytes": self.full_table_bytes,
+            "compression_ratio": self.compression_ratio,
+        }
+
+
+BuildFn = Callable[[SparseArchContext, Any], nn.Module]
+ShardersFn = Callable[[Any], List[ModuleSharder[nn.Module]]]
+ConstraintsFn = Callable[[nn.Module, Any, TopologyInfo], Dict[str, ParameterConstraints]]
+MemoryFn = Callable[[nn.Module, SparseArchContext, Any, str], MemoryReport]
+
+
+@dataclass(frozen=True)
+class SparseArchSpec:
+    """One registered embedding method.
+
+    - ``options_type``: dataclass filled strictly from the ``embeddings.options`` section of the config.
+    - ``build(ctx, options)``: returns a module with TorchRec's EmbeddingBagCollection interface
+      (KJT in, KeyedTensor out, ``embedding_bag_configs()``, ``is_weighted()``); built on ``ctx.device``
+      which may be ``meta`` (planning) - the module must then not touch data.
+    - ``sharders(options)``: sharders for the module (passed to both the planner and DMP).
+    - ``default_constraints(module, options, topology)``: planner constraints keyed by the names that
+      the sharders' ``shardable_parameters()`` return; config overrides are applied on top.
+    - ``memory(module, ctx, options, sparse_optimizer)``: exact bytes kept, see :class:`MemoryReport`.
+    - ``ids``: "raw" if the module accepts any int64 id (compressed methods hash them), or "table" if
+      ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``).
+    """
+
+    name: str
+    options_type: type
+    build: BuildFn
+    sharders: ShardersFn
+    default_constraints: ConstraintsFn
+    memory: MemoryFn
+    ids: str = "raw"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ids not in ("raw", "table"):
+            raise ValueError(f"SparseArchSpec {self.name!r}: ids must be 'raw' or 'table', got {self.ids!r}")
+
+
+@dataclass
+class RegistryView:
+    """Read-only snapshot used in error messages and ``compactrec --help``."""
+
+    names: List[str] = field(default_factory=list)
+
+
+def optimizer_state_bytes(rows: int, cols: int, optimizer: str) -> int:
+    """Bytes of fused optimizer state for one fp32 table of ``rows x cols`` under ``optimizer``."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adagrad":
+        return rows * cols * 4
+    if optimizer == "rowwise_adagrad":
+        return rows * 4
+    raise ValueError(f"unknown sparse optimizer {optimizer!r}")
+
+
+def table_memory(name: str, tensor: torch.Tensor, kind: str) -> TableMemory:
+    """Exact bytes of a parameter/buffer (works on ``meta`` tensors: uses shape and dtype only)."""
+    rows = int(tensor.shape[0]) if tensor.dim() > 0 else 1
+    cols = int(tensor.numel() // max(1, rows))
+    return TableMemory(name, rows, cols, int(tensor.numel() * tensor.element_size()), kind)
+
+
+def full_table_bytes(ctx: SparseArchContext) -> int:
+    """fp32 bytes of the uncompressed tables of the model (the compression reference)."""
+    return sum(int(n) for n in ctx.num_embeddings_per_feature) * ctx.embedding_dim * 4
+
+
+Options = Mapping[str, Any]

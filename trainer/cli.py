@@ -1,0 +1,145 @@
+"""``compactrec`` command line: train, generate, plan.
+
+``main(argv)`` parses and validates, then calls library functions with config objects only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from trainer.strict import ConfigError
+
+logger = logging.getLogger("compactrec")
+
+
+class _DropExpected(logging.Filter):
+    """Drops third-party messages that are expected here (data-parallel tables have no sharding spec)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Sharding spec not found")
+
+
+def _setup_logging(rank: int) -> None:
+    """Ours at INFO on rank 0 (WARNING elsewhere); third-party libraries (fbgemm, torchrec) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format=f"[%(asctime)s r{rank} %(levelname)s %(name)s] %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropExpected())
+    for name in ("compactrec", "trainer", "embeddings", "sharding", "launch"):
+        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from embeddings import registry
+
+    p = argparse.ArgumentParser(prog="compactrec", description="Compressed-embedding recommendation training on TorchRec")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train and evaluate (inside torchrun/torchx, or launch with --nproc)",
+                       description=f"Registered embeddings.kind values: {', '.join(registry.names())}")
+    t.add_argument("config", help="YAML preset in configs/")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--nproc", type=int, default=None, help="launch N processes per node as a torchx local_cwd job")
+    t.add_argument("--nnodes", type=int, default=1, help="with --nproc: number of (simulated) nodes")
+    t.add_argument("--scheduler", default="local_cwd", help="with --nproc: torchx scheduler")
+
+    g = sub.add_parser("generate", help="write a synthetic Criteo-like click log")
+    g.add_argument("preset", help="synthetic preset (tiny, small, medium, large, and *-control)")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("overrides", nargs="*", help="key=value overrides of the generator config")
+    g.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other settings")
+
+    pl = sub.add_parser("plan", help="shard the model for a topology without any process group and print the plan")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--local-world-size", type=int, required=True)
+    pl.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.nproc is not None:
+        from trainer.launcher import launch_local
+
+        return launch_local(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc,
+                            scheduler=args.scheduler, max_retries=config.launch.max_retries)
+    from trainer.distributed import init_distributed
+    from trainer.loop import run_training
+
+    ctx = init_distributed(config.training.device)
+    _setup_logging(ctx.rank)
+    try:
+        run_training(config, ctx)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from trainer.data.synthetic import SyntheticConfig, generate, get_preset
+    from trainer.config import parse_override
+    from trainer.strict import from_dict
+
+    values = dict(get_preset(args.preset))
+    for text in args.overrides:
+        if "=" not in text:
+            raise ConfigError(f"generator override {text!r} must look like key=value")
+        values.update(parse_override(f"x.{text}")["x"])
+    cfg = from_dict(SyntheticConfig, values, source=f"preset {args.preset!r}", prefix="generate")
+    manifest = generate(cfg, args.out, overwrite=args.overwrite)
+    ev = manifest.get("oracle", manifest)
+    print(f"dataset in {args.out}: {sum(manifest.get('rows_per_day', []))} rows over {manifest.get('num_days')} days; "
+          f"oracle val AUC {ev.get('val_auc', ev.get('oracle_auc_val', float('nan')))}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.plan_command import run_plan
+
+    config = load_config(args.config, args.overrides)
+    print(run_plan(config, args.world_size, args.local_world_size, args.device))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+    # overrides may also follow options (`train CONFIG --nproc 2 a.b=c`): collect them, reject the rest
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if args.command != "train":
+        _setup_logging(0)
+    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"compactrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    entry()
+
+
+__all__: List[str] = ["main", "entry"]

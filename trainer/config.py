@@ -1,0 +1,260 @@
+"""The run configuration: one dataclass per YAML section, loaded strictly from ``configs/*.yaml``.
+
+A preset may start with ``base: other.yaml`` (relative to the preset) and then states only what differs.
+Command-line overrides are ``section.key=value`` with ``value`` parsed as YAML
+(``optimizer.sparse_lr=0.1``, ``sharding.tables={t_cat_0: {sharding_types: [row_wise]}}``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+from trainer.data.config import DataConfig
+from trainer.strict import ConfigError, from_dict, to_dict
+
+ARCHS = ("dlrm", "dlrm_dcn")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
+                  "table_column_wise")
+COMPUTE_KERNELS = ("dense", "fused")
+
+
+@dataclass
+class ModelConfig:
+    """The dense part of the model (torchrec.models.dlrm)."""
+
+    arch: str = "dlrm"  # "dlrm" (dot interaction) or "dlrm_dcn" (DCNv2 low-rank cross layers)
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [256, 64, 16])  # last = embedding_dim
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [256, 128, 1])  # last must be 1
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if not self.dense_arch_layer_sizes or self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+            raise ValueError(
+                f"dense_arch_layer_sizes {self.dense_arch_layer_sizes} must end with embedding_dim "
+                f"{self.embedding_dim} (the bottom MLP output meets the embeddings)"
+            )
+        if not self.over_arch_layer_sizes or self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError(f"over_arch_layer_sizes {self.over_arch_layer_sizes} must end with 1 (one logit)")
+        if any(s <= 0 for s in self.dense_arch_layer_sizes + self.over_arch_layer_sizes):
+            raise ValueError("layer sizes must be positive")
+        if self.dcn_num_layers <= 0 or self.dcn_low_rank_dim <= 0:
+            raise ValueError("dcn_num_layers and dcn_low_rank_dim must be positive")
+
+
+@dataclass
+class EmbeddingsConfig:
+    """The sparse part: which registered method builds the embedding module, and its options."""
+
+    kind: str = "full"  # a registered method: full, memrec, ... (see `compactrec train --help`)
+    # sizes of the full (uncompressed) tables; null = the dataset manifest's cardinalities
+    num_embeddings_per_feature: Optional[List[int]] = None
+    options: Dict[str, Any] = field(default_factory=dict)  # checked by the method's options dataclass
+
+    def __post_init__(self) -> None:
+        if self.num_embeddings_per_feature is not None:
+            bad = [n for n in self.num_embeddings_per_feature if n <= 0]
+            if bad:
+                raise ValueError(f"num_embeddings_per_feature must be positive, got {bad[0]}")
+
+
+@dataclass
+class TableConstraint:
+    """Planner constraint for one table (keyed by table name in ShardingConfig.tables)."""
+
+    sharding_types: List[str] = field(default_factory=list)
+    compute_kernels: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for st in self.sharding_types:
+            if st not in SHARDING_TYPES:
+                raise ValueError(f"sharding type {st!r} is not one of {SHARDING_TYPES}")
+        for ck in self.compute_kernels:
+            if ck not in COMPUTE_KERNELS:
+                raise ValueError(f"compute kernel {ck!r} is not one of {COMPUTE_KERNELS}")
+
+
+@dataclass
+class ShardingConfig:
+    """Planner settings. Per-table constraints override the method's default placement."""
+
+    tables: Dict[str, TableConstraint] = field(default_factory=dict)
+    # one constraint for every table the method does not place itself (e.g. [row_wise]); empty = planner's choice
+    default_sharding_types: List[str] = field(default_factory=list)
+    device_memory_gb: float = 80.0  # per-rank accelerator memory used when planning for cuda
+    host_memory_gb: float = 64.0  # per-rank host memory used when planning for cpu
+    reserved_memory_fraction: float = 0.15  # of each rank's memory kept for dense parts and activations
+
+    def __post_init__(self) -> None:
+        TableConstraint(sharding_types=self.default_sharding_types)
+        if not 0.0 <= self.reserved_memory_fraction < 1.0:
+            raise ValueError(f"reserved_memory_fraction must be in [0, 1), got {self.reserved_memory_fraction}")
+        if self.device_memory_gb <= 0 or self.host_memory_gb <= 0:
+            raise ValueError("device_memory_gb and host_memory_gb must be positive")
+
+
+@dataclass
+class OptimizerConfig:
+    """Fused sparse optimizer (inside fbgemm's TBE) and the dense optimizer for everything else."""
+
+    sparse: str = "adagrad"  # sgd | adagrad | rowwise_adagrad
+    sparse_lr: float = 0.05
+    dense: str = "adagrad"  # sgd | adagrad | adam
+    dense_lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sparse not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"sparse must be one of {SPARSE_OPTIMIZERS}, got {self.sparse!r}")
+        if self.dense not in DENSE_OPTIMIZERS:
+            raise ValueError(f"dense must be one of {DENSE_OPTIMIZERS}, got {self.dense!r}")
+        for name in ("sparse_lr", "dense_lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainingConfig:
+    """The loop: length, evaluation schedule, logging, reproducibility."""
+
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many steps (per rank) even inside an epoch
+    evals_per_epoch: int = 2  # periodic validation passes per epoch (the final one always runs)
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 20  # steps between progress-bar / TensorBoard updates
+    device: str = "auto"  # auto (cuda if available), cpu or cuda
+    final_test: bool = True  # evaluate the test split after training
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive or null, got {self.max_steps}")
+        if self.evals_per_epoch < 0:
+            raise ValueError(f"evals_per_epoch must be >= 0, got {self.evals_per_epoch}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be positive, got {self.log_every}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class LaunchConfig:
+    """How `compactrec train --nproc N` / torchx components launch the job."""
+
+    scheduler: str = "local_cwd"
+    nnodes: int = 1
+    nproc_per_node: int = 2
+    max_retries: int = 0
+    rdzv_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.nnodes <= 0 or self.nproc_per_node <= 0:
+            raise ValueError("nnodes and nproc_per_node must be positive")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class Config:
+    """The whole run configuration (one section per dataclass)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _deep_merge(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Read a preset, resolving its ``base:`` chain. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"{path}: base chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+    parent = read_yaml(path.parent / base, (*_seen, resolved))
+    return _deep_merge(parent, data)
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}`` with ``value`` parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override {text!r}: key must be section.key (e.g. optimizer.sparse_lr=0.1)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    node: Dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        node = {part: node}
+    return node
+
+
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Load a preset (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    data: Dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    return from_dict(Config, data, source=source)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved configuration (every field, defaults included) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "EmbeddingsConfig", "LaunchConfig", "ModelConfig",
+    "OptimizerConfig", "ShardingConfig", "TableConstraint", "TrainingConfig", "load_config",
+    "parse_override", "read_yaml", "save_config",
+]

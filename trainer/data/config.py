@@ -1,0 +1,83 @@
+"""``DataConfig``: where the data is, which format, which days form each split, batch sizes (per rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+FORMATS = ("tsv", "npy", "npz")
+BAD_ROW_POLICIES = ("error", "skip")
+SPLITS = ("train", "val", "test")
+
+
+def _default_train_days() -> List[int]:
+    return [0, 1, 2, 3, 4, 5]
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a run config. Layout of ``path``: see ``trainer/data/loader.py``."""
+
+    # "tsv": raw Criteo TSV (Terabyte day_N files, or Kaggle train.txt via kaggle_file);
+    # "npy": TorchRec/MLPerf one-hot day_{i}_{dense,sparse,labels}.npy;
+    # "npz": MLPerf DLRMv2 multi-hot (npy dense/labels + day_{i}_sparse_multi_hot.npz).
+    format: str = "npy"
+    # Dataset directory.
+    path: str = "data/synthetic-small"
+    # Days concatenated in this order form the training split.
+    train_days: List[int] = field(default_factory=_default_train_days)
+    # val = first ceil(N/2) rows of this day, test = the rest (MLPerf).
+    eval_day: int = 6
+    # Kaggle's single train.txt (relative paths are taken inside `path`); it is split by line count into
+    # `num_days` consecutive "days" (the first ones get one extra line when it does not divide) and the day
+    # indices above refer to those. Only with format "tsv".
+    kaggle_file: Optional[str] = None
+    # Number of equal "days" a kaggle_file is cut into (DLRM protocol: 7).
+    num_days: int = 7
+    # False for Kaggle test.txt (39 columns, no label): labels are then -1, so such data can only be scored.
+    tsv_has_label: bool = True
+    # Rows per rank per training step.
+    batch_size: int = 2048
+    # Rows per rank per eval step.
+    eval_batch_size: int = 8192
+    # Malformed TSV rows: "error" raises naming file:line and column; "skip" drops them and counts reasons.
+    bad_rows: str = "error"
+    # Caps on per-rank batch counts (None = no cap), for quick runs.
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, why: str) -> ValueError:
+            return ValueError(f"data.{name}={value!r}: {why}")
+
+        if self.format not in FORMATS:
+            raise bad("format", self.format, f"must be one of {list(FORMATS)}")
+        if not self.path:
+            raise bad("path", self.path, "must name the dataset directory")
+        if not self.train_days:
+            raise bad("train_days", self.train_days, "must list at least one day")
+        if any(d < 0 for d in self.train_days) or len(set(self.train_days)) != len(self.train_days):
+            raise bad("train_days", self.train_days, "days must be distinct non-negative integers")
+        if self.eval_day < 0:
+            raise bad("eval_day", self.eval_day, "must be >= 0")
+        if self.eval_day in self.train_days:
+            raise bad("eval_day", self.eval_day, f"is also a training day (train_days={self.train_days})")
+        if self.kaggle_file is not None:
+            if self.format != "tsv":
+                raise bad("kaggle_file", self.kaggle_file, f"needs format 'tsv', not {self.format!r}")
+            if self.num_days < 2:
+                raise bad("num_days", self.num_days, "must be >= 2")
+            top = max(self.train_days + [self.eval_day])
+            if top >= self.num_days:
+                raise bad("num_days", self.num_days, f"but day {top} is used (days are 0..num_days-1)")
+        if not self.tsv_has_label and self.format != "tsv":
+            raise bad("tsv_has_label", self.tsv_has_label, f"only applies to format 'tsv', not {self.format!r}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise bad(name, getattr(self, name), "must be > 0")
+        if self.bad_rows not in BAD_ROW_POLICIES:
+            raise bad("bad_rows", self.bad_rows, f"must be one of {list(BAD_ROW_POLICIES)}")
+        for name in ("limit_train_batches", "limit_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise bad(name, value, "must be None or >= 0")

@@ -1,0 +1,233 @@
+"""Per-rank batches of a split, identical in number and size on every rank.
+
+Dataset directory (``DataConfig.path``): ``day_{i}`` raw TSV; ``day_{i}_{dense,sparse,labels}.npy``;
+optional ``day_{i}_sparse_multi_hot.npz`` and ``day_{i}_oracle_logits.npy``; ``manifest.json`` (not read).
+
+Sharing rule: the split's rows (days concatenated in order) form global batches of ``B * W`` rows and rank r
+takes rows ``[g*B*W + r*B, g*B*W + (r+1)*B)`` of global batch g. Train drops the last partial global batch.
+Eval (val/test) keeps it: its rows are split as evenly as possible into contiguous pieces, and every rank
+pads its piece to the common size by repeating a real row, marked ``valid=False``. A single process with
+batch ``B*W`` therefore sees exactly the concatenation of the W ranks' batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from trainer.data import tsv
+from trainer.data.config import SPLITS, DataConfig
+from trainer.data.npy import NpyDay, day_path, expect, open_array
+from trainer.data.npz import NpzDay
+from trainer.data.types import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
+
+logger = logging.getLogger(__name__)
+
+
+def feature_names() -> Tuple[List[str], List[str]]:
+    """(dense feature names, sparse feature names = KJT keys)."""
+    return list(DENSE_FEATURES), list(SPARSE_FEATURES)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One rank's batch: split rows ``[start, stop)`` of which the first ``num_valid`` are real (0 when the
+    rank's piece of the last eval batch is empty and a row is borrowed for padding); padded to ``size``.
+    ``release`` is the end of the global batch: streamed readers emit the batch once it is complete."""
+
+    start: int
+    stop: int
+    num_valid: int
+    size: int
+    release: int
+
+
+def plan_spans(num_rows: Optional[int], per_rank: int, rank: int, world_size: int,
+               keep_partial: bool) -> Iterator[Span]:
+    """The rank's batches in order; ``num_rows`` None = unknown length (streamed training, endless plan)."""
+    step = per_rank * world_size
+    g = 0
+    while num_rows is None or (g + 1) * step <= num_rows:
+        start = g * step + rank * per_rank
+        yield Span(start, start + per_rank, per_rank, per_rank, (g + 1) * step)
+        g += 1
+    assert num_rows is not None  # an unknown length never leaves the loop
+    remainder = num_rows - g * step
+    if keep_partial and remainder > 0:
+        share, extra = divmod(remainder, world_size)
+        size = share + (1 if extra else 0)
+        mine = share + (1 if rank < extra else 0)
+        start = g * step + rank * share + min(rank, extra)
+        if mine:
+            yield Span(start, start + mine, mine, size, num_rows)
+        else:
+            yield Span(num_rows - 1, num_rows, 0, size, num_rows)
+
+
+def _to_batch(chunk: Chunk, span: Span, is_eval: bool) -> Batch:
+    if chunk.num_rows != span.stop - span.start:
+        raise ValueError(f"data ended early: got {chunk.num_rows} rows for split rows [{span.start}, {span.stop}) "
+                         "(did a file change while it was read?)")
+    if span.size > chunk.num_rows:
+        chunk = Chunk.concat([chunk, chunk.repeat_row(chunk.num_rows - 1, span.size - chunk.num_rows)])
+    return chunk.to_batch(num_valid=span.num_valid if is_eval else None)
+
+
+class _ArraySplit:
+    """Pieces ``(day, first row, end row)`` of preprocessed days read as one sequence of rows."""
+
+    def __init__(self, pieces: Sequence[Tuple[DaySource, int, int]]) -> None:
+        self.pieces = list(pieces)
+        self.num_rows = sum(stop - start for _, start, stop in self.pieces)
+        with_oracle = [bool(getattr(day, "has_oracle", False)) for day, _, _ in self.pieces]
+        self.use_oracle = all(with_oracle)
+        if any(with_oracle) and not self.use_oracle:
+            logger.warning("oracle logits exist for only some days of the split; batches will carry none")
+
+    def read(self, start: int, stop: int) -> Chunk:
+        parts: List[Chunk] = []
+        offset = 0
+        for day, first, end in self.pieces:
+            lo, hi = max(start, offset), min(stop, offset + end - first)
+            if lo < hi:
+                parts.append(day.read(first + lo - offset, first + hi - offset))
+            offset += end - first
+        chunk = Chunk.concat(parts)
+        if not self.use_oracle:
+            chunk.oracle = None
+        return chunk
+
+
+def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
+    if cfg.kaggle_file is not None:
+        path = os.path.join(cfg.path, cfg.kaggle_file)
+        per_day, extra = divmod(tsv.count_lines(path), cfg.num_days)
+        starts = [d * per_day + min(d, extra) for d in range(cfg.num_days + 1)]
+        return [tsv.TsvSegment(path, line_start=starts[d], line_stop=starts[d + 1]) for d in days]
+    segments = []
+    for d in days:
+        path = os.path.join(cfg.path, f"day_{d}")
+        oracle: Optional[np.ndarray] = None
+        oracle_path = day_path(cfg.path, d, "oracle_logits.npy")
+        if os.path.exists(oracle_path):
+            oracle = open_array(oracle_path)
+            lines = tsv.count_lines(path)
+            expect(oracle_path, oracle, oracle.dtype == np.float32 and oracle.shape == (lines,),
+                   f"float32 array of shape ({lines},) (one value per line of {path})")
+        segments.append(tsv.TsvSegment(path, oracle=oracle))
+    return segments
+
+
+_Source = Union[List[tsv.TsvSegment], _ArraySplit]
+
+
+def _split_source(cfg: DataConfig, split: str) -> Tuple[_Source, int]:
+    """(segments or _ArraySplit, row count or -1 when unknown without a pass over the data)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+    days = cfg.train_days if split == "train" else [cfg.eval_day]
+    if cfg.format == "tsv":
+        segments = _tsv_segments(cfg, days)
+        if split == "train":
+            return segments, -1
+        (seg,) = segments
+        total = tsv.count_rows(seg, cfg.tsv_has_label, cfg.bad_rows)
+        half = math.ceil(total / 2)
+        seg.row_start, seg.row_stop = (0, half) if split == "val" else (half, None)
+        return segments, (half if split == "val" else total - half)
+    opened = [NpyDay(cfg.path, d) if cfg.format == "npy" else NpzDay(cfg.path, d) for d in days]
+    if split == "train":
+        source = _ArraySplit([(day, 0, day.num_rows) for day in opened])
+    else:
+        total = opened[0].num_rows
+        half = math.ceil(total / 2)
+        source = _ArraySplit([(opened[0], 0, half) if split == "val" else (opened[0], half, total)])
+    return source, source.num_rows
+
+
+def count_rows(cfg: DataConfig, split: str) -> int:
+    """Rows of a split over all ranks (TSV: valid rows under the "skip" policy, which needs a parse)."""
+    source, rows = _split_source(cfg, split)
+    if rows >= 0 or isinstance(source, _ArraySplit):
+        return rows
+    return sum(tsv.count_rows(seg, cfg.tsv_has_label, cfg.bad_rows) for seg in source)
+
+
+class BatchStream(Iterator[Batch]):
+    """The rank's batches. ``num_batches`` is known up front except for streamed TSV training;
+    ``bad_row_counts`` (reason -> rows, TSV "skip" policy) is complete once the stream is exhausted."""
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.split = split
+        self.bad_row_counts: "collections.Counter[str]" = collections.Counter()
+        source, rows = _split_source(cfg, split)
+        is_eval = split != "train"
+        per_rank = cfg.eval_batch_size if is_eval else cfg.batch_size
+        limit = cfg.limit_eval_batches if is_eval else cfg.limit_train_batches
+        spans = itertools.islice(plan_spans(rows if rows >= 0 else None, per_rank, rank, world_size, is_eval),
+                                 limit)
+        self.num_batches: Optional[int] = None
+        if rows >= 0:
+            full = math.ceil(rows / (per_rank * world_size)) if is_eval else rows // (per_rank * world_size)
+            self.num_batches = full if limit is None else min(full, limit)
+            if rank == 0:
+                logger.info("%s: %d rows, %d batches of %d per rank", split, rows, self.num_batches, per_rank)
+        self._batches: Iterator[Batch]
+        if isinstance(source, _ArraySplit):
+            self._batches = (_to_batch(source.read(s.start, s.stop), s, is_eval) for s in spans)
+        else:
+            self._batches = self._stream_tsv(source, cfg, spans, is_eval, report=rank == 0)
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def _stream_tsv(self, segments: List[tsv.TsvSegment], cfg: DataConfig, spans: Iterator[Span],
+                    is_eval: bool, report: bool) -> Iterator[Batch]:
+        span = next(spans, None)
+        rows: List[tsv.Row] = []
+        oracle: List[float] = []
+        use_oracle = all(seg.oracle is not None for seg in segments)
+        base = 0
+
+        def wanted(j: int) -> bool:
+            return span is not None and span.start <= base + j < span.stop
+
+        for seg in segments:
+            if span is None:
+                break
+            parser = tsv.TsvParser(seg.path, cfg.tsv_has_label, cfg.bad_rows, self.bad_row_counts)
+            seen = base
+            for j, index, row in tsv.iter_rows(seg, parser, wanted):
+                seen = base + j + 1
+                if row is not None:
+                    rows.append(row)
+                    if use_oracle:
+                        assert seg.oracle is not None
+                        oracle.append(float(seg.oracle[index]))
+                while span is not None and seen >= span.release:
+                    yield _to_batch(tsv.rows_to_chunk(rows, oracle if use_oracle else None), span, is_eval)
+                    rows, oracle = [], []
+                    span = next(spans, None)
+                if span is None:
+                    break
+            base = seen
+        if is_eval and span is not None:
+            raise ValueError(f"{self.split}: data ended after {base} rows, before the counted end "
+                             "(did a file change while it was read?)")
+        if report and self.bad_row_counts:
+            logger.warning("%s: skipped %d bad rows: %s", self.split, sum(self.bad_row_counts.values()),
+                           dict(self.bad_row_counts))
+
+
+def make_batches(cfg: DataConfig, split: str, rank: int, world_size: int) -> BatchStream:
+    """Batches of ``split`` ("train", "val", "test") for ``rank`` of ``world_size``; see the module doc."""
+    return BatchStream(cfg, split, rank, world_size)

@@ -1,0 +1,58 @@
+"""What the model needs to know about a dataset: feature names, full-table sizes, pooling factors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from trainer.config import Config
+from trainer.data import loader
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    feature_names: List[str]
+    num_embeddings_per_feature: List[int]
+    pooling_factors: Optional[List[float]]
+    manifest: Optional[Dict[str, Any]]
+
+
+def read_manifest(path: Path) -> Optional[Dict[str, Any]]:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
+    """Table sizes come from ``embeddings.num_embeddings_per_feature`` or else the dataset manifest.
+
+    ``require_data=False`` (planning) accepts a missing data directory when the config gives the sizes.
+    """
+    names = list(loader.feature_names()[1])
+    path = Path(config.data.path)
+    if not path.exists() and (require_data or config.embeddings.num_embeddings_per_feature is None):
+        raise FileNotFoundError(
+            f"data.path {str(path)!r} does not exist; generate a synthetic dataset with "
+            f"`compactrec generate small --out {path}` or point data.path at Criteo files"
+        )
+    manifest = read_manifest(path)
+    sizes = config.embeddings.num_embeddings_per_feature
+    if sizes is None:
+        if manifest is None or "num_embeddings_per_feature" not in manifest:
+            raise ValueError(
+                f"embeddings.num_embeddings_per_feature is null and {path / MANIFEST} gives no table sizes; "
+                "set it in the config (e.g. the Criteo Kaggle or Terabyte sizes)"
+            )
+        sizes = [int(n) for n in manifest["num_embeddings_per_feature"]]
+    if len(sizes) != len(names):
+        raise ValueError(f"embeddings.num_embeddings_per_feature has {len(sizes)} entries, expected {len(names)}")
+    pooling = loader.pooling_factors(config.data) if hasattr(loader, "pooling_factors") else None
+    return DatasetInfo(names, list(sizes), pooling, manifest)

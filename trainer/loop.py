@@ -1,0 +1,162 @@
+"""The training run: build, plan, shard, train with TrainPipelineSparseDist, evaluate, report.
+
+``run_training(config, ctx)`` runs inside an existing (or freshly made) process group, so the same code
+serves torchrun/torchx workers, tests and a single process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
+
+import numpy as np
+import torch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from embeddings.types import TopologyInfo
+from trainer.config import Config, save_config
+from trainer.data import loader
+from trainer.data.types import Batch
+from trainer.datasets import DatasetInfo, dataset_info
+from trainer.distributed import DistContext
+from trainer.evaluate import Evaluator
+from trainer.ids import reduce_ids_into_tables
+from trainer.model import SparseArch, TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
+from trainer.optim import apply_sparse_optimizer, combined_optimizer
+from trainer.planning import plan_model
+from trainer.reporting import Reporter
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_sharded_model(config: Config, ctx: DistContext, info: DatasetInfo) -> tuple[Any, SparseArch]:
+    """Sparse arch on ``meta`` (DMP materialises its shards), dense part on the device; planned and wrapped."""
+    sparse_ctx = sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
+                                torch.device("meta"), info.pooling_factors)
+    arch = build_sparse_arch(config, sparse_ctx)
+    model = TrainModel(build_dlrm(config, arch.module, dense_device=ctx.device))
+    apply_sparse_optimizer(arch.module, config.optimizer)
+    sharders = arch.spec.sharders(arch.options)
+    topo = TopologyInfo(ctx.world_size, ctx.local_world_size, ctx.device.type)
+    plan = plan_model(config, model, arch, sharders, topo, pg=torch.distributed.group.WORLD)
+    if ctx.is_main:
+        logger.info("sharding plan:\n%s", plan)
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
+    return dmp, arch
+
+
+def _batches(config: Config, split: str, ctx: DistContext, transform: Callable[[Batch], Batch]) -> Iterator[Batch]:
+    for batch in loader.make_batches(config.data, split, ctx.rank, ctx.world_size):
+        yield transform(batch)
+
+
+def _segments(total_steps: int, evals_per_epoch: int) -> List[int]:
+    """Step counts of the training segments between periodic evaluations (sum = total_steps)."""
+    n = max(1, min(evals_per_epoch, total_steps)) if total_steps else 1
+    bounds = [round(k * total_steps / n) for k in range(n + 1)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def evaluate(pipeline: TrainPipelineSparseDist, model: Any, batches: Iterator[Batch],
+             ctx: DistContext) -> Dict[str, float]:
+    """One pass over ``batches`` in eval mode through the (drained) pipeline; collective."""
+    model.eval()
+    evaluator = Evaluator(ctx.device)
+    with torch.no_grad():
+        while True:
+            try:
+                evaluator.update(pipeline.progress(batches))
+            except StopIteration:
+                break
+    model.train()
+    return evaluator.compute()
+
+
+def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
+    """Train and evaluate as configured; returns the metrics written to ``metrics.json`` on rank 0."""
+    seed_everything(config.training.seed)
+    run_dir = Path(config.training.run_dir)
+    info = dataset_info(config)
+    model, arch = build_sharded_model(config, ctx, info)
+    optimizer = combined_optimizer(model, config.optimizer)
+    pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
+    mem = memory_report(arch, config.optimizer.sparse)
+    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.spec.ids == "table" else (lambda b: b)
+
+    steps_per_epoch = loader.count_rows(config.data, "train") // (config.data.batch_size * ctx.world_size)
+    if config.data.limit_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, config.data.limit_train_batches)
+    total = steps_per_epoch * config.training.epochs
+    if config.training.max_steps is not None:
+        total = min(total, config.training.max_steps)
+    if total == 0:
+        raise ValueError(f"no training batches: {loader.count_rows(config.data, 'train')} train rows < "
+                         f"global batch {config.data.batch_size * ctx.world_size}")
+    reporter = Reporter(config, ctx, run_dir, total, mem)
+    if ctx.is_main:
+        save_config(config, run_dir / "config.yaml")
+    reporter.log_start(info)
+
+    step, evals = 0, []
+    start = time.perf_counter()
+    train_time = 0.0
+    for epoch in range(config.training.epochs):
+        epoch_steps = min(steps_per_epoch, total - step)
+        if epoch_steps <= 0:
+            break
+        train_iter = _batches(config, "train", ctx, transform)
+        for seg_steps in _segments(epoch_steps, config.training.evals_per_epoch):
+            seg_iter = itertools.islice(train_iter, seg_steps)
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    loss, *_ = pipeline.progress(seg_iter)
+                except StopIteration:
+                    break
+                step += 1
+                if not math.isfinite(float(loss)):
+                    raise FloatingPointError(f"loss is {float(loss)} at step {step} (epoch {epoch})")
+                reporter.on_step(step, float(loss))
+            train_time += time.perf_counter() - t0
+            metrics = evaluate(pipeline, model, _batches(config, "val", ctx, transform), ctx)
+            metrics.update(step=step, epoch=epoch + step / max(1, total))
+            evals.append(metrics)
+            reporter.on_eval("val", step, metrics)
+    samples = step * config.data.batch_size * ctx.world_size
+    result: Dict[str, Any] = {
+        "steps": step,
+        "train_samples": samples,
+        "train_seconds": train_time,
+        "samples_per_s": samples / max(train_time, 1e-9),
+        "wall_seconds": time.perf_counter() - start,
+        "world_size": ctx.world_size,
+        "embeddings": config.embeddings.kind,
+        "memory": mem.as_dict(),
+        "val": evals[-1],
+        "evals": evals,
+        "data_skips": loader.skip_report() if hasattr(loader, "skip_report") else {},
+    }
+    if config.training.final_test:
+        result["test"] = evaluate(pipeline, model, _batches(config, "test", ctx, transform), ctx)
+    reporter.finish(result)
+    return result
+
+
+def load_metrics(run_dir: Path) -> Dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+__all__ = ["run_training", "build_sharded_model", "evaluate", "load_metrics"]

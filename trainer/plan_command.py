@@ -1,0 +1,35 @@
+"""``compactrec plan``: build the model on ``meta``, plan it for a topology with no process group,
+print placement and memory per rank. Works for clusters far larger than this machine."""
+
+from __future__ import annotations
+
+import torch
+
+from embeddings.types import TopologyInfo
+from trainer.config import Config
+from trainer.datasets import dataset_info
+from trainer.model import TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
+from trainer.optim import apply_sparse_optimizer
+from trainer.planning import format_plan, placements, plan_model
+
+
+def run_plan(config: Config, world_size: int, local_world_size: int, device: str) -> str:
+    if world_size < 1 or local_world_size < 1 or world_size % local_world_size:
+        raise ValueError(f"--world-size {world_size} must be a positive multiple of --local-world-size {local_world_size}")
+    info = dataset_info(config, require_data=False)
+    meta = torch.device("meta")
+    arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
+                                                    meta, info.pooling_factors))
+    model = TrainModel(build_dlrm(config, arch.module, dense_device=meta))
+    apply_sparse_optimizer(arch.module, config.optimizer)
+    sharders = arch.spec.sharders(arch.options)
+    topo = TopologyInfo(world_size, local_world_size, device)
+    plan = plan_model(config, model, arch, sharders, topo)
+    rows = placements(plan, model, world_size)
+    mem = memory_report(arch, config.optimizer.sparse)
+    nodes = world_size // local_world_size
+    header = (f"plan for {nodes} node(s) x {local_world_size} {device} rank(s) (world size {world_size}), "
+              f"embeddings.kind={config.embeddings.kind}, {config.model.arch}")
+    memline = (f"embedding memory {mem.total_bytes:,} B vs full tables {mem.full_table_bytes:,} B: "
+               f"compression ratio {mem.compression_ratio:,.1f}x (optimizer state {mem.optimizer_state_bytes:,} B)")
+    return "\n".join([header, format_plan(rows, world_size), memline])

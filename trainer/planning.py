@@ -1,0 +1,170 @@
+"""Planner integration: topology, constraints (method defaults + config overrides), per-rank memory.
+
+Planning needs no process group: ``plan_model`` works for any topology from a ``meta``-device model,
+which is how ``compactrec plan`` sizes clusters far larger than this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+
+from embeddings.types import TopologyInfo
+from trainer.config import Config, ShardingConfig
+from trainer.model import SparseArch
+
+logger = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+def topology(info: TopologyInfo, sharding: ShardingConfig) -> Topology:
+    """TorchRec topology: on cuda the per-rank HBM is the budget, on cpu the host memory."""
+    trainer = TrainerConfig(
+        world_size=info.world_size,
+        local_world_size=info.local_world_size,
+        hbm_cap_bytes=int(sharding.device_memory_gb * GIB) if info.compute_device == "cuda" else None,
+        ddr_cap_bytes=int(sharding.host_memory_gb * GIB),
+    )
+    return TopologyFactory.create_topology(trainer_config=trainer,
+                                           kernel_config=KernelConfig(compute_device=info.compute_device))
+
+
+def shardable_table_names(module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[str]:
+    """Names the planner keys constraints by (``shardable_parameters()`` of every shardable module)."""
+    names: List[str] = []
+    for sub in module.modules():
+        for sharder in sharders:
+            if type(sub) is sharder.module_type:
+                names.extend(sharder.shardable_parameters(sub).keys())
+                break
+    return names
+
+
+def constraints(arch: SparseArch, sharders: List[ModuleSharder[nn.Module]], sharding: ShardingConfig,
+                info: TopologyInfo) -> Dict[str, ParameterConstraints]:
+    """Method defaults, then ``sharding.default_sharding_types``, then per-table config overrides."""
+    names = shardable_table_names(arch.module, sharders)
+    result = dict(arch.spec.default_constraints(arch.module, arch.options, info))
+    features = list(arch.context.feature_names)
+    for name in names:
+        if name in result or not sharding.default_sharding_types:
+            continue
+        feature = name[2:] if name.startswith("t_") else None
+        pf = [arch.context.pooling_factor(features.index(feature))] if feature in features else [1.0]
+        result[name] = ParameterConstraints(sharding_types=list(sharding.default_sharding_types),
+                                            pooling_factors=pf)
+    for name, override in sharding.tables.items():
+        if name not in names:
+            raise ValueError(f"sharding.tables: unknown table {name!r}; tables of this model: {', '.join(names)}")
+        base = result.get(name, ParameterConstraints())
+        updates = {}
+        if override.sharding_types:
+            updates["sharding_types"] = list(override.sharding_types)
+        if override.compute_kernels:
+            updates["compute_kernels"] = list(override.compute_kernels)
+        result[name] = dataclasses.replace(base, **updates)
+    return result
+
+
+def make_planner(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
+                 info: TopologyInfo) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=topology(info, config.sharding),
+        batch_size=config.data.batch_size,
+        constraints=constraints(arch, sharders, config.sharding, info),
+        # reserve a fixed share of each rank's memory for dense parameters, activations and buffers
+        storage_reservation=FixedPercentageStorageReservation(config.sharding.reserved_memory_fraction),
+        debug=True,
+    )
+
+
+def plan_model(config: Config, model: nn.Module, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
+               info: TopologyInfo, pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+    """Plan ``model``; with a process group every rank agrees on rank 0's plan."""
+    planner = make_planner(config, arch, sharders, info)
+    if pg is not None:
+        return planner.collective_plan(model, sharders, pg)
+    return planner.plan(model, sharders)
+
+
+@dataclass
+class PlacedTable:
+    module: str
+    table: str
+    sharding_type: str
+    compute_kernel: str
+    ranks: List[int]
+    bytes_per_rank: Dict[int, int]
+
+
+def placements(plan: ShardingPlan, model: nn.Module, world_size: int) -> List[PlacedTable]:
+    """Per-table placement and exact fp32 parameter bytes per rank, read from the plan's shard specs."""
+    params = {}
+    for path, sub in model.named_modules():
+        for pname, p in sub.named_parameters(recurse=True):
+            params[(path, pname.split(".")[-1])] = p
+    rows: List[PlacedTable] = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            per_rank: Dict[int, int] = {}
+            spec = ps.sharding_spec
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value or spec is None:
+                size = _param_bytes(model, module_path, table)
+                for r in ps.ranks or range(world_size):
+                    per_rank[r] = per_rank.get(r, 0) + size
+            else:
+                for shard in spec.shards:  # type: ignore[union-attr]
+                    rank = int(str(shard.placement).split("rank:")[1].split("/")[0])
+                    n = 1
+                    for s in shard.shard_sizes:
+                        n *= int(s)
+                    per_rank[rank] = per_rank.get(rank, 0) + 4 * n
+            rows.append(PlacedTable(module_path, table, ps.sharding_type, ps.compute_kernel,
+                                    sorted(per_rank), per_rank))
+    return rows
+
+
+def _param_bytes(model: nn.Module, module_path: str, table: str) -> int:
+    sub = model.get_submodule(module_path) if module_path else model
+    for name, p in sub.named_parameters():
+        if name.split(".")[-2:-1] == [table] or name.endswith(f"{table}.weight") or name.split(".")[-1] == table:
+            return int(p.numel() * p.element_size())
+    return 0
+
+
+def memory_per_rank(rows: List[PlacedTable], world_size: int) -> List[int]:
+    totals = [0] * world_size
+    for row in rows:
+        for rank, b in row.bytes_per_rank.items():
+            totals[rank] += b
+    return totals
+
+
+def format_plan(rows: List[PlacedTable], world_size: int) -> str:
+    lines = [f"{'table':<32} {'sharding':<16} {'kernel':<8} {'ranks':<18} {'MiB/rank(max)':>14}"]
+    for r in rows:
+        ranks = _ranks_str(r.ranks)
+        lines.append(f"{r.table:<32} {r.sharding_type:<16} {r.compute_kernel:<8} {ranks:<18} "
+                     f"{max(r.bytes_per_rank.values(), default=0) / 2**20:>14.3f}")
+    totals = memory_per_rank(rows, world_size)
+    lines.append("embedding parameter memory per rank (GiB): " + " ".join(f"{t / GIB:.3f}" for t in totals[:16])
+                 + (" ..." if world_size > 16 else ""))
+    lines.append(f"max {max(totals) / GIB:.3f} GiB, min {min(totals) / GIB:.3f} GiB, total {sum(totals) / GIB:.3f} GiB")
+    return "\n".join(lines)
+
+
+def _ranks_str(ranks: List[int]) -> str:
+    if not ranks:
+        return "-"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}..{ranks[-1]}"
+    return ",".join(map(str, ranks))
