@@ -1,4 +1,4 @@
-"""torchx components for CompactRec jobs.
+"""torchx components for CompactRec jobs (no postponed annotations: torchx reads the real types).
 
 Each component is a typed function returning an ``AppDef``; torchx turns its docstring into ``--help``.
 Examples (from the repository root, with the virtualenv active)::
@@ -8,7 +8,6 @@ Examples (from the repository root, with the virtualenv active)::
     torchx run --dryrun -s slurm launch/components.py:train -j 16x8 --gpu 8 --config configs/criteo_tb.yaml
 """
 
-from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional
@@ -37,7 +36,7 @@ def train(
     config: str = "configs/default.yaml",
     j: str = "1x2",
     image: str = "ghcr.io/pytorch/torchx:0.7.0",
-    name: str = "compactrec",
+    name: str = "/compactrec",
     h: Optional[str] = None,
     cpu: int = 2,
     gpu: int = 0,

@@ -82,7 +82,7 @@ def from_dict(cls: Type[T], data: Mapping[str, Any], source: str = "<dict>", pre
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"{source}: unknown key {where}{unknown[0]!r} (value {data[unknown[0]]!r}); "
+            f"{source}: unknown key '{where}{unknown[0]}' (value {data[unknown[0]]!r}); "
             f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"
         )
     kwargs: Dict[str, Any] = {}

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from trainer.data.npz import NpzDay
 from trainer.data.types import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
+
+# Bad-row counts of the latest stream of each split in this process (for the end-of-run report).
+_LATEST_SKIPS: Dict[str, "collections.Counter[str]"] = {}
 
 
 def feature_names() -> Tuple[List[str], List[str]]:
@@ -169,6 +172,7 @@ class BatchStream(Iterator[Batch]):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.split = split
         self.bad_row_counts: "collections.Counter[str]" = collections.Counter()
+        _LATEST_SKIPS[split] = self.bad_row_counts
         source, rows = _split_source(cfg, split)
         is_eval = split != "train"
         per_rank = cfg.eval_batch_size if is_eval else cfg.batch_size
@@ -226,6 +230,29 @@ class BatchStream(Iterator[Batch]):
         if report and self.bad_row_counts:
             logger.warning("%s: skipped %d bad rows: %s", self.split, sum(self.bad_row_counts.values()),
                            dict(self.bad_row_counts))
+
+
+def skip_report() -> Dict[str, Dict[str, int]]:
+    """{split: {reason: rows}} skipped under ``bad_rows: skip`` by the latest stream of each split in this
+    process (every rank parses every line, so rank 0's report covers the whole split)."""
+    return {split: dict(counts) for split, counts in _LATEST_SKIPS.items() if counts}
+
+
+def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
+    """Mean ids per sample for each sparse feature, from the first training day: 1.0 for npy (one-hot),
+    ``size_f`` for npz (multi-hot), and for TSV the share of non-missing values in its first rows."""
+    day = cfg.train_days[0]
+    if cfg.format == "npy":
+        return [1.0] * len(SPARSE_FEATURES)
+    if cfg.format == "npz":
+        return [float(size) for size in NpzDay(cfg.path, day).sizes]
+    seg = _tsv_segments(cfg, [day])[0]
+    parser = tsv.TsvParser(seg.path, cfg.tsv_has_label, cfg.bad_rows, log=False)
+    rows = [row for _, _, row in itertools.islice(tsv.iter_rows(seg, parser, lambda j: True), sample_rows)
+            if row is not None]
+    if not rows:
+        raise ValueError(f"{seg.path}: no valid rows to measure pooling factors from")
+    return tsv.rows_to_chunk(rows).lengths.mean(axis=1).astype(float).tolist()
 
 
 def make_batches(cfg: DataConfig, split: str, rank: int, world_size: int) -> BatchStream:

@@ -39,13 +39,14 @@ class EntitySpec:
     sub_level: int  # level index of the sub-cluster (0 = instance)
     cluster_level: int  # level index of the cluster
     source: str | None  # whose cluster drives affinity draws (None: drawn by popularity only)
+    noise: float  # multiplier of noise_token_rate for the instance fields (large fields get singletons)
 
 
 ENTITIES: tuple[EntitySpec, ...] = (
-    EntitySpec("user", ("C3", "C12", "C21"), ("C16", "C4", "C24"), 2, 3, None),
-    EntitySpec("ad", ("C10",), ("C15", "C18", "C2"), 2, 3, "user"),
-    EntitySpec("pub", ("C7",), ("C13", "C8"), 1, 2, "user"),
-    EntitySpec("ctx", ("C26",), ("C19", "C25", "C20"), 1, 2, "pub"),
+    EntitySpec("user", ("C3", "C12", "C21"), ("C16", "C4", "C24"), 2, 3, None, 1.0),
+    EntitySpec("ad", ("C10",), ("C15", "C18", "C2"), 2, 3, "user", 0.0),
+    EntitySpec("pub", ("C7",), ("C13", "C8"), 1, 2, "user", 0.0),
+    EntitySpec("ctx", ("C26",), ("C19", "C25", "C20"), 1, 2, "pub", 0.5),
 )
 ENTITY_BY_NAME = {e.name: e for e in ENTITIES}
 #: Placement field: (field, entity, parent level). Each placement belongs to one publisher sub-cluster.
@@ -85,6 +86,7 @@ class Layout:
     cards: dict[str, int]  # field -> num_embeddings (contiguous ids 0..card-1; 0 = missing)
     level_sizes: dict[str, list[int]] = field(default_factory=dict)  # entity -> [instances, level1, ...]
     noise_per_day: dict[str, int] = field(default_factory=dict)  # entity -> noise ids reserved per day
+    noise_rate: dict[str, float] = field(default_factory=dict)  # entity -> effective noise-token rate
     placements: int = 0  # number of C11 placements
     attr_sizes: dict[str, int] = field(default_factory=dict)  # attribute field -> number of values
 
@@ -98,14 +100,19 @@ def scaled_cardinality(kaggle: int, cfg: SyntheticConfig) -> int:
     return max(min(kaggle, cfg.cardinality_floor), int(round(kaggle * cfg.cardinality_scale)))
 
 
-def _noise_reserve(cfg: SyntheticConfig, card: int) -> int:
-    """Noise ids reserved per day so each day's singleton tokens stay unique (with a 6-sigma margin)."""
-    if cfg.noise_token_rate <= 0:
-        return 0
-    expected = cfg.noise_token_rate * cfg.rows_per_day
-    per_day = int(math.ceil(expected + 6.0 * math.sqrt(expected) + 8))
-    cap = max(1, (card - 1) // (2 * cfg.num_days))  # never more than half of the id space
-    return min(per_day, cap)
+def _noise_plan(cfg: SyntheticConfig, rate: float, card: int) -> tuple[float, int]:
+    """(effective rate, ids reserved per day) so each day's noise tokens stay unique (6-sigma margin).
+
+    At most half of the field's id space is reserved; where that is too little the rate is lowered.
+    """
+    cap = (card - 1) // (2 * cfg.num_days)
+    if rate <= 0 or cap < 32:
+        return 0.0, 0
+    expected = rate * cfg.rows_per_day
+    if expected + 6.0 * math.sqrt(expected) + 8 > cap:
+        root = (-6.0 + math.sqrt(36.0 + 4.0 * (cap - 8))) / 2.0  # solves e + 6 sqrt(e) + 8 = cap
+        expected = root * root
+    return expected / cfg.rows_per_day, int(math.ceil(expected + 6.0 * math.sqrt(expected) + 8))
 
 
 def build_layout(cfg: SyntheticConfig) -> Layout:
@@ -114,14 +121,14 @@ def build_layout(cfg: SyntheticConfig) -> Layout:
     lay = Layout(cards={})
     for ent in ENTITIES:
         card = scaled_cardinality(kag[ent.inst_fields[0]], cfg)  # near-duplicates share the first's size
-        reserve = _noise_reserve(cfg, card)
+        rate, reserve = _noise_plan(cfg, cfg.noise_token_rate * ent.noise, card)
         n_inst = max(1, card - 1 - reserve * cfg.num_days)
-        lay.noise_per_day[ent.name] = reserve
+        lay.noise_per_day[ent.name], lay.noise_rate[ent.name] = reserve, rate
         for f in ent.inst_fields:
             lay.cards[f] = 1 + n_inst + reserve * cfg.num_days
         sizes = [n_inst]
-        for f in ent.chain:  # a coarser level never has more values than the finer one
-            sizes.append(max(1, min(scaled_cardinality(kag[f], cfg) - 1, sizes[-1])))
+        for f in ent.chain:  # a coarser level has at most half the values of the finer one
+            sizes.append(max(1, min(scaled_cardinality(kag[f], cfg) - 1, sizes[-1] // 2)))
             lay.cards[f] = 1 + sizes[-1]
         lay.level_sizes[ent.name] = sizes
     pf, pent, plevel = PLACEMENT

@@ -1,0 +1,126 @@
+"""``memrec``: MEM-REC (Jha et al., ACML 2023) registered as a sparse-arch method.
+
+Modules: :class:`MemRecEmbeddingBagCollection` (per token, drop-in for an EBC) and
+:class:`MemRecPerSampleEmbeddingBag` (per sample, with :class:`MemRecPerSampleDLRM` as its head);
+``options.granularity`` picks one. Ids are raw (any int64): the module hashes them.
+
+Default placement: token tables row_wise (table_row_wise on several nodes) on the fused TBE kernel,
+with their true pooling factors (lookups per sample) and weightedness; the weight table
+data_parallel on the dense kernel (it is replicated and all-reduced by DDP).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingType
+
+from embeddings import registry
+from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
+from embeddings.memrec_options import MemRecOptions
+from embeddings.memrec_per_sample import MemRecPerSampleDLRM, MemRecPerSampleEmbeddingBag
+from embeddings.types import (
+    MemoryReport,
+    SparseArchContext,
+    SparseArchSpec,
+    TableMemory,
+    TopologyInfo,
+    full_table_bytes,
+    optimizer_state_bytes,
+    table_memory,
+)
+from sharding.memrec import MemRecEmbeddingBagCollectionSharder, MemRecPerSampleEmbeddingBagSharder
+
+__all__ = [
+    "MemRecOptions",
+    "MemRecEmbeddingBagCollection",
+    "MemRecPerSampleEmbeddingBag",
+    "MemRecPerSampleDLRM",
+    "build",
+    "sharders",
+    "default_constraints",
+    "memory",
+    "SPEC",
+]
+
+
+def build(ctx: SparseArchContext, options: MemRecOptions) -> nn.Module:
+    module_type = MemRecPerSampleEmbeddingBag if options.granularity == "per_sample" else MemRecEmbeddingBagCollection
+    pooling_factors = [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))]
+    return module_type(
+        feature_names=list(ctx.feature_names),
+        embedding_dim=ctx.embedding_dim,
+        options=options,
+        device=ctx.device,
+        pooling_factors=pooling_factors,
+    )
+
+
+def sharders(options: MemRecOptions) -> List[ModuleSharder[nn.Module]]:
+    if options.granularity == "per_sample":
+        return [MemRecPerSampleEmbeddingBagSharder()]
+    return [MemRecEmbeddingBagCollectionSharder()]
+
+
+def _as_memrec(module: nn.Module) -> MemRecModuleBase:
+    if not isinstance(module, MemRecModuleBase):
+        raise TypeError(f"expected a MEM-REC module, got {type(module).__name__}")
+    return module
+
+
+def default_constraints(
+    module: nn.Module, options: MemRecOptions, topology: TopologyInfo
+) -> Dict[str, ParameterConstraints]:
+    """Token tables row-wise (table_row_wise across nodes), fused; the weight table data_parallel."""
+    memrec = _as_memrec(module)
+    layout = memrec.layout
+    row_wise = ShardingType.TABLE_ROW_WISE if topology.num_nodes > 1 else ShardingType.ROW_WISE
+    factors = layout.planner_pooling_factors(memrec.pooling_factors)
+    constraints: Dict[str, ParameterConstraints] = {}
+    for config in memrec.embedding_bag_configs():
+        constraints[config.name] = ParameterConstraints(
+            sharding_types=[row_wise.value],
+            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+            pooling_factors=factors[config.name],
+            is_weighted=layout.is_weighted,
+        )
+    constraints[layout.weight_table_name] = ParameterConstraints(
+        sharding_types=[ShardingType.DATA_PARALLEL.value],
+        compute_kernels=[EmbeddingComputeKernel.DENSE.value],
+        pooling_factors=factors[layout.weight_table_name],
+    )
+    return constraints
+
+
+def memory(module: nn.Module, ctx: SparseArchContext, options: MemRecOptions, sparse_optimizer: str) -> MemoryReport:
+    """Exact bytes: every token table, the weight table, the hash-salt buffers; optimizer state.
+
+    Optimizer state is counted for the token tables under ``sparse_optimizer`` (fused) and for the
+    weight table as the same optimizer kind run densely (e.g. Adagrad keeps one fp32 sum per weight).
+    """
+    memrec = _as_memrec(module)
+    tables: List[TableMemory] = [
+        table_memory(config.name, memrec.token_ebc.embedding_bags[config.name].weight, "parameter")
+        for config in memrec.embedding_bag_configs()
+    ]
+    tables.append(table_memory(memrec.layout.weight_table_name, memrec.weight_table, "parameter"))
+    tables += [table_memory(name, buffer, "buffer") for name, buffer in memrec.named_buffers()]
+    state = sum(optimizer_state_bytes(t.rows, t.cols, sparse_optimizer) for t in tables if t.kind == "parameter")
+    return MemoryReport(tables=tables, optimizer_state_bytes=state, full_table_bytes=full_table_bytes(ctx))
+
+
+SPEC = registry.register(
+    SparseArchSpec(
+        name="memrec",
+        options_type=MemRecOptions,
+        build=build,
+        sharders=sharders,
+        default_constraints=default_constraints,
+        memory=memory,
+        ids="raw",
+        description="MEM-REC: hashed token table scaled by a hashed scalar weight table (Jha et al. 2023)",
+    )
+)

@@ -1,0 +1,220 @@
+"""Sharded MEM-REC: TorchRec's sharded EBC for the token tables, the weight table replicated.
+
+Follows TorchRec's own wrappers around an inner EBC (``fp_embeddingbag.py``, ``mc_embeddingbag.py``):
+
+- ``input_dist``: hash the raw ids (``layout.expand``) *then* call the inner EBC's input dist, so
+  row-wise bucketing routes on token rows and ``TrainPipelineSparseDist`` pipelines the hashing with
+  the input all-to-all. Weight-row indices ride along as float32 KJT weights.
+- ``compute``: turn the weight-row indices into learned weights (``layout.weigh``) on the
+  model-parallel side, then the inner EBC's fbgemm TBE lookups (fused optimizer).
+- ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample
+  alpha) and ``0 * weight_table.sum()`` so every rank's DDP reducer sees the weight table.
+
+The weight table is a plain parameter of this module, not in ``sharded_parameter_names()``: DMP's DDP
+wrapper all-reduces its gradient. It is listed in ``shardable_parameters()`` so the planner counts
+it; the plan must place it ``data_parallel``. Nothing here is device specific (CPU/gloo and
+CUDA/NCCL run the same code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
+from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
+from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
+from sharding.ebc import RowWiseCapableEBCSharder
+
+TOKEN_EBC = "token_ebc"
+
+
+@dataclass
+class MemRecContext(EmbeddingBagCollectionContext):
+    """The inner EBC's context plus what ``finish`` needs from ``expand``."""
+
+    aux: Optional[MemRecAux] = None
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.aux is not None:
+            self.aux.record_stream(stream)
+
+
+class ShardedMemRecEmbeddingBag(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, MemRecContext]
+):
+    """Sharded form of either MEM-REC granularity (the layout carries the difference).
+
+    Parameter names equal the unsharded module's (``token_ebc.embedding_bags.<table>.weight``,
+    ``weight_table``), so state dicts line up.
+    """
+
+    def __init__(
+        self,
+        module: MemRecModuleBase,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        ebc_sharder: EmbeddingBagCollectionSharder,
+        env: ShardingEnv,
+        device: torch.device,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
+        self._layout = module.layout
+        self._unsharded_type: Type[nn.Module] = type(module)
+        self._device = device
+        self._env = env
+        token_names = [c.name for c in module.embedding_bag_configs()]
+        _check_plan(table_name_to_parameter_sharding, token_names, self._layout.weight_table_name)
+        token_plan = {name: table_name_to_parameter_sharding[name] for name in token_names}
+        self.token_ebc: ShardedEmbeddingBagCollection = ebc_sharder.shard(
+            module.token_ebc,
+            token_plan,
+            env=env,
+            device=device,
+            module_fqn=append_prefix(module_fqn, TOKEN_EBC) if module_fqn else None,
+        )
+        weight = module.weight_table
+        if weight.is_meta:
+            table = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+            init_weight_table(table, self._layout.options)
+        else:
+            table = weight.detach().to(device=device, copy=True)
+        # DDP broadcasts rank 0's values at wrapping, so every rank starts from the same table.
+        self.weight_table = nn.Parameter(table, requires_grad=weight.requires_grad)
+        token_salts, weight_salts = self._layout.salts()
+        self.register_buffer("token_salts", token_salts.to(device), persistent=False)
+        self.register_buffer("weight_salts", weight_salts.to(device), persistent=False)
+        self.register_buffer("_no_op_zero", torch.zeros(1, device=device), persistent=False)
+
+    # ---- the pipelined steps ------------------------------------------------------------------
+    def input_dist(self, ctx: MemRecContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        with torch.no_grad():
+            kjt, ctx.aux = self._layout.expand(features, self.token_salts, self.weight_salts)
+        return self.token_ebc.input_dist(ctx, kjt)
+
+    def _weigh(self, dist_input: KJTList) -> KJTList:
+        return KJTList([self._layout.weigh(kjt, self.weight_table) for kjt in dist_input])
+
+    def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
+        return self.token_ebc.compute(ctx, self._weigh(dist_input))
+
+    def output_dist(self, ctx: MemRecContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
+        return self._add_finish(ctx, self.token_ebc.output_dist(ctx, output))
+
+    def compute_and_output_dist(self, ctx: MemRecContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        return self._add_finish(ctx, self.token_ebc.compute_and_output_dist(ctx, self._weigh(input)))
+
+    def _add_finish(self, ctx: MemRecContext, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
+        assert ctx.aux is not None, "input_dist must run before the output dist"
+        awaitable.callbacks.append(partial(self._finish, aux=ctx.aux))
+        return awaitable
+
+    def _finish(self, kt: KeyedTensor, aux: MemRecAux) -> KeyedTensor:
+        kt = self._layout.finish(kt, aux, self.weight_table)
+        # keeps the replicated weight table in every rank's graph (DDP expects its gradient)
+        return with_values(kt, kt.values() + self._no_op_zero * self.weight_table.sum())
+
+    # ---- ShardedModule plumbing ---------------------------------------------------------------
+    def create_context(self) -> MemRecContext:
+        return MemRecContext()
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        for name, _ in self.token_ebc.named_parameters(prefix=TOKEN_EBC):
+            yield append_prefix(prefix, name)
+
+    @property
+    def unsharded_module_type(self) -> Type[nn.Module]:
+        return self._unsharded_type
+
+
+def _check_plan(plan: Dict[str, ParameterSharding], token_names: List[str], weight_name: str) -> None:
+    missing = [name for name in token_names + [weight_name] if name not in plan]
+    if missing:
+        raise ValueError(f"sharding plan lacks MEM-REC tables {missing}; planned: {sorted(plan)}")
+    weight_type = plan[weight_name].sharding_type
+    if weight_type != ShardingType.DATA_PARALLEL.value:
+        raise ValueError(
+            f"MEM-REC weight table {weight_name!r} must be planned data_parallel (it is replicated and "
+            f"all-reduced by DDP), got {weight_type!r}; use the memrec default constraints"
+        )
+
+
+class MemRecEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MemRecEmbeddingBagCollection]):
+    """Sharder of :class:`MemRecEmbeddingBagCollection`; the token tables go through ``ebc_sharder``
+    (default :class:`RowWiseCapableEBCSharder`). Pass the same instance to the planner and to DMP.
+    """
+
+    def __init__(
+        self,
+        ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._ebc_sharder: EmbeddingBagCollectionSharder = ebc_sharder or RowWiseCapableEBCSharder(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
+
+    def shard(
+        self,
+        module: MemRecEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedMemRecEmbeddingBag:
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return ShardedMemRecEmbeddingBag(module, params, self._ebc_sharder, env, device, module_fqn)
+
+    def shardable_parameters(self, module: MemRecEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        params = dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
+        params[module.layout.weight_table_name] = module.weight_table
+        return params
+
+    @property
+    def fused_params(self) -> Optional[Dict[str, Any]]:
+        return self._ebc_sharder.fused_params
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return self._ebc_sharder.sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
+
+    @property
+    def module_type(self) -> Type[MemRecEmbeddingBagCollection]:
+        return MemRecEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedMemRecEmbeddingBag]:
+        return ShardedMemRecEmbeddingBag
+
+
+class MemRecPerSampleEmbeddingBagSharder(MemRecEmbeddingBagCollectionSharder):
+    """Sharder of :class:`MemRecPerSampleEmbeddingBag` (DMP looks sharders up by exact module type)."""
+
+    @property
+    def module_type(self) -> Type[MemRecPerSampleEmbeddingBag]:  # type: ignore[override]
+        return MemRecPerSampleEmbeddingBag

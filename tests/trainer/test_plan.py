@@ -1,0 +1,70 @@
+"""`compactrec plan`: a multi-node GPU topology planned with no process group, memory per rank shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from embeddings.types import TopologyInfo
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.datasets import dataset_info
+from trainer.model import TrainModel, build_dlrm, build_sparse_arch, sparse_context
+from trainer.optim import apply_sparse_optimizer
+from trainer.planning import memory_per_rank, placements, plan_model
+
+REPO = Path(__file__).resolve().parents[2]
+TB = REPO / "configs" / "criteo_tb_dlrmv2.yaml"
+
+
+def _plan(overrides, world_size: int, local_world_size: int):
+    config = load_config(TB, overrides)
+    info = dataset_info(config, require_data=False)
+    arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
+                                                    torch.device("meta")))
+    model = TrainModel(build_dlrm(config, arch.module, dense_device=torch.device("meta")))
+    apply_sparse_optimizer(arch.module, config.optimizer)
+    sharders = arch.spec.sharders(arch.options)
+    plan = plan_model(config, model, arch, sharders, TopologyInfo(world_size, local_world_size, "cuda"))
+    return config, placements(plan, model, world_size)
+
+
+def test_criteo_tb_on_16_nodes_of_8_gpus() -> None:
+    config, rows = _plan([], 128, 8)
+    assert len(rows) == 26
+    assert all(0 <= r < 128 for row in rows for r in row.ranks)
+    per_rank = memory_per_rank(rows, 128)
+    total_rows = sum(config.embeddings.num_embeddings_per_feature)
+    # every non-replicated byte of the 97 GiB of tables is placed exactly once
+    replicated = sum(max(r.bytes_per_rank.values()) * (len(r.ranks) - 1) for r in rows if r.sharding_type == "data_parallel")
+    assert sum(per_rank) - replicated == total_rows * 128 * 4
+    assert max(per_rank) <= 80 * 1024**3
+
+
+def test_table_row_wise_keeps_shards_inside_a_node() -> None:
+    _, rows = _plan(["sharding.default_sharding_types=[table_row_wise]"], 16, 8)
+    for row in rows:
+        assert row.sharding_type == "table_row_wise"
+        nodes = {r // 8 for r in row.ranks}
+        assert len(nodes) == 1, (row.table, row.ranks)
+
+
+def test_per_table_override_and_unknown_table() -> None:
+    _, rows = _plan(["sharding.tables={t_cat_0: {sharding_types: [row_wise]}}"], 16, 8)
+    by_name = {r.table: r for r in rows}
+    assert by_name["t_cat_0"].sharding_type == "row_wise" and len(by_name["t_cat_0"].ranks) == 16
+    try:
+        _plan(["sharding.tables={t_nope: {sharding_types: [row_wise]}}"], 16, 8)
+    except ValueError as exc:
+        assert "t_nope" in str(exc) and "t_cat_0" in str(exc)
+    else:
+        raise AssertionError("an unknown table name must be an error")
+
+
+def test_plan_cli_prints_plan_and_memory(capsys) -> None:
+    assert main(["plan", str(TB), "--world-size", "16", "--local-world-size", "8", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "2 node(s) x 8 cuda" in out and "t_cat_25" in out and "memory per rank" in out
+    assert "compression ratio 1.0x" in out
+    assert main(["plan", str(TB), "--world-size", "12", "--local-world-size", "8"]) == 2
