@@ -39,8 +39,9 @@ def write_dataset(directory: str, seed: int = 0, oracle: bool = True) -> Dict[in
         np.save(os.path.join(directory, f"day_{day}_dense.npy"), dense_transform(raw))
         np.save(os.path.join(directory, f"day_{day}_sparse.npy"), ids.astype(np.int64))
         np.save(os.path.join(directory, f"day_{day}_labels.npy"), labels.astype(np.int32).reshape(n, 1))
-        np.savez(os.path.join(directory, f"day_{day}_sparse_multi_hot.npz"),
-                 **{str(f): (ids[:, f:f + 1] % (2**31 - 8) + np.arange(s)).astype(np.int32) for f, s in enumerate(MULTI_HOT)})
+        multi_hot = {str(f): (ids[:, f:f + 1] % (2**31 - 8) + np.arange(s)).astype(np.int32)
+                     for f, s in enumerate(MULTI_HOT)}
+        np.savez(os.path.join(directory, f"day_{day}_sparse_multi_hot.npz"), **multi_hot)
         if oracle:
             np.save(os.path.join(directory, f"day_{day}_oracle_logits.npy"), rng.normal(size=n).astype(np.float32))
         out[day] = {"ids": ids, "labels": labels}
@@ -257,3 +258,11 @@ def test_feature_names() -> None:
     dense, sparse = feature_names()
     assert dense == DEFAULT_INT_NAMES and sparse == DEFAULT_CAT_NAMES and len(dense) == 13 and len(sparse) == 26
     assert sparse == [f"cat_{i}" for i in range(26)]
+
+
+def test_tsv_oracle_shorter_than_file(tmp_path: "os.PathLike[str]") -> None:
+    directory = str(tmp_path)
+    write_dataset(directory)
+    np.save(os.path.join(directory, "day_1_oracle_logits.npy"), np.zeros(20, np.float32))  # day 1 has 23 lines
+    with pytest.raises(ValueError, match=r"day_1: line 21 has no oracle logit"):
+        list(make_batches(cfg(directory, format="tsv", batch_size=1), "train", 0, 1))

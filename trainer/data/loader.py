@@ -119,11 +119,9 @@ def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
         path = os.path.join(cfg.path, f"day_{d}")
         oracle: Optional[np.ndarray] = None
         oracle_path = day_path(cfg.path, d, "oracle_logits.npy")
-        if os.path.exists(oracle_path):
+        if os.path.exists(oracle_path):  # one value per line of day_{d}; the length is checked as lines are read
             oracle = open_array(oracle_path)
-            lines = tsv.count_lines(path)
-            expect(oracle_path, oracle, oracle.dtype == np.float32 and oracle.shape == (lines,),
-                   f"float32 array of shape ({lines},) (one value per line of {path})")
+            expect(oracle_path, oracle, oracle.dtype == np.float32 and oracle.ndim == 1, "float32 array of shape (N,)")
         segments.append(tsv.TsvSegment(path, oracle=oracle))
     return segments
 
@@ -184,7 +182,7 @@ class BatchStream(Iterator[Batch]):
             full = math.ceil(rows / (per_rank * world_size)) if is_eval else rows // (per_rank * world_size)
             self.num_batches = full if limit is None else min(full, limit)
             if rank == 0:
-                logger.info("%s: %d rows, %d batches of %d per rank", split, rows, self.num_batches, per_rank)
+                logger.debug("%s: %d rows, %d batches of %d per rank", split, rows, self.num_batches, per_rank)
         self._batches: Iterator[Batch]
         if isinstance(source, _ArraySplit):
             self._batches = (_to_batch(source.read(s.start, s.stop), s, is_eval) for s in spans)
@@ -200,6 +198,8 @@ class BatchStream(Iterator[Batch]):
         rows: List[tsv.Row] = []
         oracle: List[float] = []
         use_oracle = all(seg.oracle is not None for seg in segments)
+        if not use_oracle and any(seg.oracle is not None for seg in segments):
+            logger.warning("oracle logits exist for only some days of the split; batches will carry none")
         base = 0
 
         def wanted(j: int) -> bool:
@@ -216,6 +216,9 @@ class BatchStream(Iterator[Batch]):
                     rows.append(row)
                     if use_oracle:
                         assert seg.oracle is not None
+                        if index >= seg.oracle.shape[0]:
+                            raise ValueError(f"{seg.path}: line {index + 1} has no oracle logit: the oracle file "
+                                             f"holds {seg.oracle.shape[0]} values")
                         oracle.append(float(seg.oracle[index]))
                 while span is not None and seen >= span.release:
                     yield _to_batch(tsv.rows_to_chunk(rows, oracle if use_oracle else None), span, is_eval)
