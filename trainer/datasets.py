@@ -54,5 +54,5 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
         sizes = [int(n) for n in manifest["num_embeddings_per_feature"]]
     if len(sizes) != len(names):
         raise ValueError(f"embeddings.num_embeddings_per_feature has {len(sizes)} entries, expected {len(names)}")
-    pooling = loader.pooling_factors(config.data) if hasattr(loader, "pooling_factors") else None
+    pooling = loader.pooling_factors(config.data) if path.exists() else None
     return DatasetInfo(names, list(sizes), pooling, manifest)

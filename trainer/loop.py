@@ -147,7 +147,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "memory": mem.as_dict(),
         "val": evals[-1],
         "evals": evals,
-        "data_skips": loader.skip_report() if hasattr(loader, "skip_report") else {},
+        "data_skips": loader.skip_report(),
     }
     if config.training.final_test:
         result["test"] = evaluate(pipeline, model, _batches(config, "test", ctx, transform), ctx)
