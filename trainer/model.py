@@ -47,7 +47,7 @@ def sparse_context(
 def build_sparse_arch(config: Config, ctx: SparseArchContext, source: str = "config") -> SparseArch:
     """Build the method chosen by ``embeddings.kind`` with its strictly checked options."""
     spec = registry.get(config.embeddings.kind)
-    options = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
+    options: Any = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
     module = spec.build(ctx, options)
     return SparseArch(spec=spec, options=options, context=ctx, module=module)
 

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `tiny` synthetic click log (4 days x 5000 rows), generated once per test session."""
+    from trainer.data.synthetic import generate, preset_config
+
+    out = tmp_path_factory.mktemp("syn-tiny")
+    generate(preset_config("tiny"), out)
+    return out
+
+
+def tiny_overrides(path: Path, run_dir: Path) -> list[str]:
+    return [
+        f"data.path={path}", "data.train_days=[0, 1, 2]", "data.eval_day=3", "data.batch_size=256",
+        "data.eval_batch_size=1024", f"training.run_dir={run_dir}", "training.progress_bar=false",
+        "training.log_every=10",
+    ]
