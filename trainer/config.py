@@ -30,11 +30,11 @@ class ModelConfig:
     """The dense part of the model (torchrec.models.dlrm)."""
 
     arch: str = "dlrm"  # "dlrm" (dot interaction) or "dlrm_dcn" (DCNv2 low-rank cross layers)
-    embedding_dim: int = 16
+    embedding_dim: int = 16  # width of every pooled embedding (and of the bottom MLP output)
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [256, 64, 16])  # last = embedding_dim
     over_arch_layer_sizes: List[int] = field(default_factory=lambda: [256, 128, 1])  # last must be 1
-    dcn_num_layers: int = 3
-    dcn_low_rank_dim: int = 512
+    dcn_num_layers: int = 3  # DCNv2 cross layers (arch dlrm_dcn)
+    dcn_low_rank_dim: int = 512  # rank of the low-rank cross layers (arch dlrm_dcn)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -90,7 +90,7 @@ class TableConstraint:
 class ShardingConfig:
     """Planner settings. Per-table constraints override the method's default placement."""
 
-    tables: Dict[str, TableConstraint] = field(default_factory=dict)
+    tables: Dict[str, TableConstraint] = field(default_factory=dict)  # table name -> {sharding_types, compute_kernels}
     # one constraint for every table the method does not place itself (e.g. [row_wise]); empty = planner's choice
     default_sharding_types: List[str] = field(default_factory=list)
     device_memory_gb: float = 80.0  # per-rank accelerator memory used when planning for cuda
@@ -110,11 +110,11 @@ class OptimizerConfig:
     """Fused sparse optimizer (inside fbgemm's TBE) and the dense optimizer for everything else."""
 
     sparse: str = "adagrad"  # sgd | adagrad | rowwise_adagrad
-    sparse_lr: float = 0.05
+    sparse_lr: float = 0.05  # learning rate of the fused embedding-table optimizer
     dense: str = "adagrad"  # sgd | adagrad | adam
-    dense_lr: float = 0.05
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    dense_lr: float = 0.05  # learning rate of the MLPs and replicated tables
+    eps: float = 1e-8  # Adagrad / Adam epsilon
+    weight_decay: float = 0.0  # L2 weight decay for both optimizers
 
     def __post_init__(self) -> None:
         if self.sparse not in SPARSE_OPTIMIZERS:
@@ -132,15 +132,15 @@ class OptimizerConfig:
 class TrainingConfig:
     """The loop: length, evaluation schedule, logging, reproducibility."""
 
-    epochs: int = 1
+    epochs: int = 1  # passes over the training days
     max_steps: Optional[int] = None  # stop after this many steps (per rank) even inside an epoch
     evals_per_epoch: int = 2  # periodic validation passes per epoch (the final one always runs)
-    seed: int = 0
-    run_dir: str = "runs/default"
+    seed: int = 0  # seeds Python, NumPy and torch on every rank (same dense init everywhere)
+    run_dir: str = "runs/default"  # config.yaml, metrics.json and tensorboard/ land here
     log_every: int = 20  # steps between progress-bar / TensorBoard updates
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     final_test: bool = True  # evaluate the test split after training
-    progress_bar: bool = True
+    progress_bar: bool = True  # rank-0 tqdm bar; false logs a line every log_every steps instead
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -159,11 +159,11 @@ class TrainingConfig:
 class LaunchConfig:
     """How `compactrec train --nproc N` / torchx components launch the job."""
 
-    scheduler: str = "local_cwd"
-    nnodes: int = 1
-    nproc_per_node: int = 2
-    max_retries: int = 0
-    rdzv_port: int = 29500
+    scheduler: str = "local_cwd"  # torchx scheduler used by `compactrec train --nproc`
+    nnodes: int = 1  # nodes of a launched job
+    nproc_per_node: int = 2  # processes (GPUs) per node
+    max_retries: int = 0  # torchx restarts of a failed job
+    rdzv_port: int = 29500  # c10d rendezvous port on the first node
 
     def __post_init__(self) -> None:
         if self.nnodes <= 0 or self.nproc_per_node <= 0:

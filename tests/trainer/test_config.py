@@ -132,3 +132,9 @@ def test_method_options_are_strict() -> None:
     cfg = load_config(None, ["embeddings.kind=nonexistent"])
     with pytest.raises(ValueError, match="registered kinds: .*full"):
         build_sparse_arch(cfg, ctx)
+
+
+def test_config_reference_doc_is_current() -> None:
+    from trainer.config_doc import render
+
+    assert (REPO / "docs" / "CONFIG.md").read_text() == render(), "run: python -m trainer.config_doc > docs/CONFIG.md"

@@ -44,7 +44,7 @@ class DataConfig:
     bad_rows: str = "error"
     # Caps on per-rank batch counts (None = no cap), for quick runs.
     limit_train_batches: Optional[int] = None
-    limit_eval_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None  # per-rank cap on eval batches (None = the whole split)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ValueError:
