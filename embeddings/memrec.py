@@ -11,7 +11,7 @@ data_parallel on the dense kernel (it is replicated and all-reduced by DDP).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -112,6 +112,11 @@ def memory(module: nn.Module, ctx: SparseArchContext, options: MemRecOptions, sp
     return MemoryReport(tables=tables, optimizer_state_bytes=state, full_table_bytes=full_table_bytes(ctx))
 
 
+def dense_head(options: MemRecOptions) -> Optional[Callable[..., nn.Module]]:
+    """The per-sample variant concatenates its one vector per sample with the bottom MLP (no dot interaction)."""
+    return MemRecPerSampleDLRM if options.granularity == "per_sample" else None
+
+
 SPEC = registry.register(
     SparseArchSpec(
         name="memrec",
@@ -122,5 +127,6 @@ SPEC = registry.register(
         memory=memory,
         ids="raw",
         description="MEM-REC: hashed token table scaled by a hashed scalar weight table (Jha et al. 2023)",
+        dense_head=dense_head,
     )
 )

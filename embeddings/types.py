@@ -115,6 +115,9 @@ BuildFn = Callable[[SparseArchContext, Any], nn.Module]
 ShardersFn = Callable[[Any], List[ModuleSharder[nn.Module]]]
 ConstraintsFn = Callable[[nn.Module, Any, TopologyInfo], Dict[str, ParameterConstraints]]
 MemoryFn = Callable[[nn.Module, SparseArchContext, Any, str], MemoryReport]
+# returns a model class taking (embedding_bag_collection, dense_in_features, dense_arch_layer_sizes,
+# over_arch_layer_sizes, dense_device) when the method needs its own head, else None (DLRM / DLRM-DCN)
+DenseHeadFn = Callable[[Any], Optional[Callable[..., nn.Module]]]
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class SparseArchSpec:
     - ``default_constraints(module, options, topology)``: planner constraints keyed by the names that
       the sharders' ``shardable_parameters()`` return; config overrides are applied on top.
     - ``memory(module, ctx, options, sparse_optimizer)``: exact bytes kept, see :class:`MemoryReport`.
+    - ``dense_head(options)``: a model class replacing DLRM's interaction for this method (e.g. MEM-REC's
+      per-sample variant concatenates one vector per sample), or None.
     - ``ids``: "raw" if the module accepts any int64 id (compressed methods hash them), or "table" if
       ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``).
     """
@@ -141,6 +146,7 @@ class SparseArchSpec:
     memory: MemoryFn
     ids: str = "raw"
     description: str = ""
+    dense_head: Optional[DenseHeadFn] = None
 
     def __post_init__(self) -> None:
         if self.ids not in ("raw", "table"):

@@ -47,7 +47,7 @@ def build_sharded_model(config: Config, ctx: DistContext, info: DatasetInfo) -> 
     sparse_ctx = sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
                                 torch.device("meta"), info.pooling_factors)
     arch = build_sparse_arch(config, sparse_ctx)
-    model = TrainModel(build_dlrm(config, arch.module, dense_device=ctx.device))
+    model = TrainModel(build_dlrm(config, arch, dense_device=ctx.device))
     apply_sparse_optimizer(arch.module, config.optimizer)
     sharders = arch.spec.sharders(arch.options)
     topo = TopologyInfo(ctx.world_size, ctx.local_world_size, ctx.device.type)

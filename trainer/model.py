@@ -56,9 +56,17 @@ def memory_report(arch: SparseArch, sparse_optimizer: str) -> MemoryReport:
     return arch.spec.memory(arch.module, arch.context, arch.options, sparse_optimizer)
 
 
-def build_dlrm(config: Config, sparse_module: nn.Module, dense_device: torch.device) -> nn.Module:
-    """DLRM (dot interaction) or DLRM-DCN around ``sparse_module`` (any EBC-interface module)."""
+def build_dlrm(config: Config, arch: SparseArch, dense_device: torch.device) -> nn.Module:
+    """DLRM (dot interaction) or DLRM-DCN around the sparse arch, or the method's own head if it has one."""
     m = config.model
+    sparse_module = arch.module
+    head = arch.spec.dense_head(arch.options) if arch.spec.dense_head is not None else None
+    if head is not None:
+        if m.arch != "dlrm":
+            raise ValueError(f"embeddings.kind={arch.spec.name} with these options brings its own head; "
+                             f"model.arch must be 'dlrm', got {m.arch!r}")
+        return head(sparse_module, NUM_DENSE_FEATURES, list(m.dense_arch_layer_sizes),
+                    list(m.over_arch_layer_sizes), dense_device)
     if m.arch == "dlrm":
         return DLRM(
             embedding_bag_collection=sparse_module,  # type: ignore[arg-type]

@@ -20,12 +20,12 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
     meta = torch.device("meta")
     arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
                                                     meta, info.pooling_factors))
-    model = TrainModel(build_dlrm(config, arch.module, dense_device=meta))
+    model = TrainModel(build_dlrm(config, arch, dense_device=meta))
     apply_sparse_optimizer(arch.module, config.optimizer)
     sharders = arch.spec.sharders(arch.options)
     topo = TopologyInfo(world_size, local_world_size, device)
     plan = plan_model(config, model, arch, sharders, topo)
-    rows = placements(plan, model, world_size)
+    rows = placements(plan, model, sharders, world_size)
     mem = memory_report(arch, config.optimizer.sparse)
     nodes = world_size // local_world_size
     header = (f"plan for {nodes} node(s) x {local_world_size} {device} rank(s) (world size {world_size}), "

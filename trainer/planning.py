@@ -106,24 +106,27 @@ class PlacedTable:
     bytes_per_rank: Dict[int, int]
 
 
-def placements(plan: ShardingPlan, model: nn.Module, world_size: int) -> List[PlacedTable]:
-    """Per-table placement and exact fp32 parameter bytes per rank, read from the plan's shard specs."""
-    params = {}
-    for path, sub in model.named_modules():
-        for pname, p in sub.named_parameters(recurse=True):
-            params[(path, pname.split(".")[-1])] = p
+def placements(plan: ShardingPlan, model: nn.Module, sharders: List[ModuleSharder[nn.Module]],
+               world_size: int) -> List[PlacedTable]:
+    """Per-table placement and exact fp32 parameter bytes per rank, read from the plan's shard specs.
+
+    Replicated (data_parallel) tables count in full on every rank; sizes come from the sharders'
+    ``shardable_parameters()``, i.e. the same tensors the planner saw.
+    """
     rows: List[PlacedTable] = []
     for module_path, module_plan in plan.plan.items():
+        tables = _shardable(model.get_submodule(module_path) if module_path else model, sharders)
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             per_rank: Dict[int, int] = {}
             spec = ps.sharding_spec
             if ps.sharding_type == ShardingType.DATA_PARALLEL.value or spec is None:
-                size = _param_bytes(model, module_path, table)
+                param = tables[table]
+                size = int(param.numel() * param.element_size())
                 for r in ps.ranks or range(world_size):
                     per_rank[r] = per_rank.get(r, 0) + size
             else:
                 for shard in spec.shards:  # type: ignore[union-attr]
-                    rank = int(str(shard.placement).split("rank:")[1].split("/")[0])
+                    rank = shard.placement.rank()  # type: ignore[union-attr]
                     n = 1
                     for s in shard.shard_sizes:
                         n *= int(s)
@@ -133,12 +136,11 @@ def placements(plan: ShardingPlan, model: nn.Module, world_size: int) -> List[Pl
     return rows
 
 
-def _param_bytes(model: nn.Module, module_path: str, table: str) -> int:
-    sub = model.get_submodule(module_path) if module_path else model
-    for name, p in sub.named_parameters():
-        if name.split(".")[-2:-1] == [table] or name.endswith(f"{table}.weight") or name.split(".")[-1] == table:
-            return int(p.numel() * p.element_size())
-    return 0
+def _shardable(module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> Dict[str, nn.Parameter]:
+    for sharder in sharders:
+        if type(module) is sharder.module_type:
+            return dict(sharder.shardable_parameters(module))
+    raise ValueError(f"no sharder for planned module of type {type(module).__name__}")
 
 
 def memory_per_rank(rows: List[PlacedTable], world_size: int) -> List[int]:
@@ -156,9 +158,10 @@ def format_plan(rows: List[PlacedTable], world_size: int) -> str:
         lines.append(f"{r.table:<32} {r.sharding_type:<16} {r.compute_kernel:<8} {ranks:<18} "
                      f"{max(r.bytes_per_rank.values(), default=0) / 2**20:>14.3f}")
     totals = memory_per_rank(rows, world_size)
-    lines.append("embedding parameter memory per rank (GiB): " + " ".join(f"{t / GIB:.3f}" for t in totals[:16])
+    lines.append("embedding parameter memory per rank (MiB): " + " ".join(f"{t / 2**20:.2f}" for t in totals[:16])
                  + (" ..." if world_size > 16 else ""))
-    lines.append(f"max {max(totals) / GIB:.3f} GiB, min {min(totals) / GIB:.3f} GiB, total {sum(totals) / GIB:.3f} GiB")
+    lines.append(f"max {max(totals) / GIB:.4f} GiB, min {min(totals) / GIB:.4f} GiB, total {sum(totals) / GIB:.4f} GiB "
+                 "(parameters; fused optimizer state comes on top: x2 for adagrad, ~0 for sgd/rowwise_adagrad)")
     return "\n".join(lines)
 
 

@@ -23,11 +23,11 @@ def _plan(overrides, world_size: int, local_world_size: int):
     info = dataset_info(config, require_data=False)
     arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
                                                     torch.device("meta")))
-    model = TrainModel(build_dlrm(config, arch.module, dense_device=torch.device("meta")))
+    model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
     apply_sparse_optimizer(arch.module, config.optimizer)
     sharders = arch.spec.sharders(arch.options)
     plan = plan_model(config, model, arch, sharders, TopologyInfo(world_size, local_world_size, "cuda"))
-    return config, placements(plan, model, world_size)
+    return config, placements(plan, model, sharders, world_size)
 
 
 def test_criteo_tb_on_16_nodes_of_8_gpus() -> None:

@@ -28,6 +28,7 @@ class SyntheticConfig:
     # --- label model -----------------------------------------------------------------------------------
     semantic_strength: float = 1.0  # 1: entity latents come from (sub-)clusters; 0: per instance only
     latent_dim: int = 8  # dimension of the hidden entity latent vectors
+    cluster_share: float = 0.5  # share of the semantic latent's variance from the cluster (rest: sub-cluster)
     target_ctr: float = 0.256  # intercept is solved so the mean click probability equals this
     oracle_logit_std: float = 1.7  # std of the true logit (1.6-1.8 gives oracle AUC ~0.83-0.85)
     interaction_weight: float = 1.0  # relative std of latent interactions (user.ad, user.pub, ad.ctx, mains)
@@ -64,6 +65,7 @@ class SyntheticConfig:
         floats = {
             "cardinality_scale": (0.0, 100.0, False),
             "semantic_strength": (0.0, 1.0, True),
+            "cluster_share": (0.0, 1.0, True),
             "target_ctr": (0.0, 1.0, False),
             "oracle_logit_std": (0.0, 10.0, False),
             "interaction_weight": (0.0, 100.0, True),

@@ -113,8 +113,9 @@ class EntityModel:
         s, k = self.cfg.semantic_strength, self.cfg.latent_dim
         v = np.zeros((lv[0].shape[0], k), dtype=np.float64)
         if s > 0:
-            sem = self.t_cluster[lv[self.spec.cluster_level]] + self.t_sub[lv[self.spec.sub_level]]
-            v += np.sqrt(s * 0.5) * sem
+            c = self.cfg.cluster_share
+            v += np.sqrt(s * c) * self.t_cluster[lv[self.spec.cluster_level]]
+            v += np.sqrt(s * (1.0 - c)) * self.t_sub[lv[self.spec.sub_level]]
         if s < 1:
             v += np.sqrt((1.0 - s) / k) * hash_normal(self.key_latent, lv[0], k)
         return v

@@ -25,6 +25,8 @@ PAIRS = (("user", "ad", 1.0), ("user", "pub", 0.6), ("ad", "ctx", 0.4))
 MAINS = (("user", 0.5), ("ad", 0.6), ("pub", 0.4), ("ctx", 0.3))
 BIASES = (("user", 0.6), ("ad", 0.6), ("pub", 0.45), ("ctx", 0.3))
 _COL = {f: i for i, f in enumerate(CAT_FIELDS)}
+_MU = np.log([s[0] for s in DENSE_SPECS])
+_SIGMA = np.array([s[1] for s in DENSE_SPECS])
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Hidden:
     levels: dict[str, list[np.ndarray]]  # entity -> taxonomy levels per row, instance first
     placement: np.ndarray  # C11 placement per row
     attrs: dict[str, np.ndarray]  # attribute field -> true value per row
-    z: np.ndarray  # (n, 13) Gaussian drivers of the integer features
+    dense: np.ndarray  # (n, 13) int64 observed integer features (0 where missing)
+    dmiss: np.ndarray  # (n, 13) bool, True where the integer feature is missing
     raw: np.ndarray  # (n,) uncalibrated logit
 
 
@@ -116,10 +119,28 @@ class World:
         z = rng.standard_normal((n, len(DENSE_SPECS)))
         for j, (_, _, ent, rho) in enumerate(DENSE_SPECS):
             z[:, j] = rho * act[ent] + math.sqrt(1.0 - rho * rho) * z[:, j]
-        raw = self._raw_logit(lv, attrs, z)
-        return Hidden(lv, placement, attrs, z, raw)
+        dense, dmiss = self._dense(rng, z)
+        raw = self._raw_logit(lv, attrs, dense, dmiss)
+        return Hidden(lv, placement, attrs, dense, dmiss, raw)
 
-    def _raw_logit(self, lv: dict[str, list[np.ndarray]], attrs: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+    def _dense(self, rng: np.random.Generator, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Integer count features from Gaussian drivers: log-normal counts, I2 negatives, group missingness."""
+        n = z.shape[0]
+        dense = np.floor(np.exp(_MU + _SIGMA * z) - 0.5)
+        dense = np.clip(dense, 0, DENSE_MAX).astype(np.int64)
+        p_neg, neg_vals, neg_p = I2_NEGATIVE
+        neg = np.flatnonzero(rng.random(n) < p_neg)
+        dense[neg, 1] = rng.choice(np.array(neg_vals), size=neg.size, p=np.array(neg_p))
+        dmiss = np.zeros(dense.shape, dtype=bool)
+        for cols, rate in DENSE_MISSING_GROUPS:
+            rows = np.flatnonzero(rng.random(n) < min(rate * self.cfg.missing_scale, 0.99))
+            dmiss[np.ix_(rows, list(cols))] = True
+        dense[dmiss] = 0
+        return dense, dmiss
+
+    def _raw_logit(
+        self, lv: dict[str, list[np.ndarray]], attrs: dict[str, np.ndarray], dense: np.ndarray, dmiss: np.ndarray
+    ) -> np.ndarray:
         """Uncalibrated logit: latent interactions + per-instance biases + attribute + dense terms."""
         cfg, k = self.cfg, self.cfg.latent_dim
         lat = {e: self.ents[e].latent(lv[e]) for e in self.ents}
@@ -129,19 +150,20 @@ class World:
         inter = inter * (math.sqrt(k) / norm)
         tok = sum(w * self.ents[e].bias(lv[e][0]) for e, w in BIASES) / math.sqrt(sum(w * w for _, w in BIASES))
         attr = sum(hash_normal(self.key_effect[f], v) for f, v in attrs.items()) / math.sqrt(len(attrs))
-        dense = z @ self.dense_coef
+        zhat = np.where(dmiss, 0.0, (np.log1p(np.maximum(dense, 0)) - _MU) / _SIGMA)  # observed, so learnable
+        dense_term = zhat @ self.dense_coef
         return (
             cfg.interaction_weight * inter
             + cfg.token_effect_weight * tok
             + cfg.attribute_weight * cfg.semantic_strength * attr
-            + cfg.dense_weight * dense
+            + cfg.dense_weight * dense_term
         )
 
     # --------------------------------------------------------------------------------------------- emit
     def emit(
         self, hid: Hidden, rng: np.random.Generator, day: int, noise_used: dict[str, int]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Observed columns: sparse (n, 26) int32 ids, dense (n, 13) int64 (0 where missing), dense-missing mask.
+    ) -> np.ndarray:
+        """Observed categorical columns: sparse (n, 26) int32 contiguous ids (0 = missing).
 
         ``noise_used`` counts the noise tokens issued so far today per entity (updated in place), so every
         noise token of a day is a fresh id.
@@ -167,16 +189,4 @@ class World:
         for fields, rate in CAT_MISSING_GROUPS:
             rows = np.flatnonzero(rng.random(n) < min(rate * cfg.missing_scale, 0.99))
             sparse[np.ix_(rows, [_COL[f] for f in fields])] = 0
-        mu = np.log([s[0] for s in DENSE_SPECS])
-        sigma = np.array([s[1] for s in DENSE_SPECS])
-        dense = np.floor(np.exp(mu + sigma * hid.z) - 0.5)
-        dense = np.clip(dense, 0, DENSE_MAX).astype(np.int64)
-        p_neg, neg_vals, neg_p = I2_NEGATIVE
-        neg = np.flatnonzero(rng.random(n) < p_neg)
-        dense[neg, 1] = rng.choice(np.array(neg_vals), size=neg.size, p=np.array(neg_p))
-        dmiss = np.zeros(dense.shape, dtype=bool)
-        for cols, rate in DENSE_MISSING_GROUPS:
-            rows = np.flatnonzero(rng.random(n) < min(rate * cfg.missing_scale, 0.99))
-            dmiss[np.ix_(rows, list(cols))] = True
-        dense[dmiss] = 0
-        return sparse, dense, dmiss
+        return sparse
