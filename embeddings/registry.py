@@ -17,6 +17,10 @@ _REGISTRY: Dict[str, SparseArchSpec] = {}
 _BUILTIN_MODULES: Dict[str, str] = {
     "full": "embeddings.full",
     "memrec": "embeddings.memrec",
+    "lma": "embeddings.lma",
+    "hash": "embeddings.hashing_trick",
+    "robe": "embeddings.robe",
+    "qr": "embeddings.qr",
 }
 
 

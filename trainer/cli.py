@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="key=value overrides of the generator config")
     g.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other settings")
 
+    li = sub.add_parser("lma-index", help="build the LMA minhash index artifact from the training data")
+    li.add_argument("config")
+    li.add_argument("overrides", nargs="*")
+    li.add_argument("--out", default=None, help="artifact path (default: embeddings.options.index_path)")
+
     pl = sub.add_parser("plan", help="shard the model for a topology without any process group and print the plan")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
@@ -113,6 +118,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lma_index(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.lma_index import run_lma_index
+
+    config = load_config(args.config, args.overrides)
+    print(run_lma_index(config, args.out))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
@@ -124,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command != "train":
         _setup_logging(0)
-    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan}
+    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
