@@ -9,7 +9,7 @@ CONFIG ?= configs/default.yaml
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup setup-gpu train test typecheck clean
+.PHONY: setup setup-gpu train compare test typecheck clean
 
 setup: $(VENV)/.installed-cpu
 
@@ -37,6 +37,13 @@ $(VENV)/.installed-gpu: requirements/gpu.txt requirements/common.txt requirement
 train: setup
 	$(BIN)/compactrec generate small --out $(DATASET)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $(CONFIG) --nproc $(NPROC) $(ARGS)
+
+# Full tables vs the compressed methods on the same data, side by side (issue evidence, not a benchmark).
+COMPARE_CONFIGS ?= configs/default.yaml configs/memrec_small.yaml
+compare: setup
+	$(BIN)/compactrec generate small --out $(DATASET)
+	for c in $(COMPARE_CONFIGS); do PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $$c --nproc $(NPROC) $(ARGS) || exit 1; done
+	$(BIN)/compactrec compare $(foreach c,$(COMPARE_CONFIGS),runs/$(basename $(notdir $(c))))
 
 # The whole test suite. pytest's exit code 5 (no tests collected) is a failure here, said plainly.
 test: setup

@@ -4,6 +4,8 @@ Usage::
 
     def _body(rank: int, world_size: int, arg) -> Any: ...   # module-level (picklable)
     results = run_multiprocess(_body, world_size=2, args=(arg,))   # list of per-rank return values
+
+Return values may hold tensors: they are saved to a file by the rank and loaded by the parent.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import tempfile
 import traceback
 from typing import Any, Callable, List, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], args: Sequence[Any],
-            queue: Any, local_world_size: int) -> None:
+            queue: Any, local_world_size: int, result_file: str) -> None:
     os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
     os.environ["LOCAL_RANK"] = str(rank % local_world_size)
     os.environ["RANK"] = str(rank)
@@ -26,7 +29,10 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # results travel through a file (torch.save), not the queue: shared-memory tensors sent through a
+        # queue break when the child exits before the parent reads them
+        torch.save(result, result_file)
+        queue.put((rank, "ok", result_file))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,7 +52,7 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, args: Sequence
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
             ctx.Process(target=_worker, args=(r, world_size, init_file, fn, tuple(args), queue,
-                                              local_world_size or world_size))
+                                              local_world_size or world_size, os.path.join(tmp, f"result{r}.pt")))
             for r in range(world_size)
         ]
         for p in procs:
@@ -57,7 +63,7 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, args: Sequence
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = torch.load(payload, weights_only=False)
                 else:
                     errors.append(f"--- rank {rank} ---\n{payload}")
                     break  # other ranks may now hang in a collective

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("overrides", nargs="*")
     li.add_argument("--out", default=None, help="artifact path (default: embeddings.options.index_path)")
 
+    cp = sub.add_parser("compare", help="side-by-side AUC, memory and speed of finished runs")
+    cp.add_argument("run_dirs", nargs="+", help="run directories; the first is the reference (e.g. runs/default)")
+
     pl = sub.add_parser("plan", help="shard the model for a topology without any process group and print the plan")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
@@ -127,6 +130,13 @@ def _cmd_lma_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from trainer.compare import compare_table
+
+    print(compare_table(args.run_dirs))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
@@ -138,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command != "train":
         _setup_logging(0)
-    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index}
+    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index,
+                "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
