@@ -106,9 +106,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         values.update(parse_override(f"x.{text}")["x"])
     cfg = from_dict(SyntheticConfig, values, source=f"preset {args.preset!r}", prefix="generate")
     manifest = generate(cfg, args.out, overwrite=args.overwrite)
-    ev = manifest.get("oracle", manifest)
-    print(f"dataset in {args.out}: {sum(manifest.get('rows_per_day', []))} rows over {manifest.get('num_days')} days; "
-          f"oracle val AUC {ev.get('val_auc', ev.get('oracle_auc_val', float('nan')))}")
+    oracle = manifest["oracle"]
+    print(f"dataset in {args.out}: {manifest['total_rows']:,} rows over {manifest['num_days']} days "
+          f"(eval day {oracle['eval_day']}); oracle AUC val {oracle['val_auc']:.4f} test {oracle['test_auc']:.4f}")
     return 0
 
 
@@ -152,6 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "compare": _cmd_compare}
     try:
         return commands[args.command](args)
+    except FileExistsError as exc:
+        print(f"compactrec {args.command}: error: {exc} (command line: --overwrite)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"compactrec {args.command}: error: {exc}", file=sys.stderr)
         return 2

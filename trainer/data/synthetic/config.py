@@ -27,8 +27,8 @@ class SyntheticConfig:
     cardinality_floor: int = 100  # small fields keep min(Kaggle cardinality, floor) values at any scale
     # --- label model -----------------------------------------------------------------------------------
     semantic_strength: float = 1.0  # 1: entity latents come from (sub-)clusters; 0: per instance only
-    latent_dim: int = 8  # dimension of the hidden entity latent vectors
-    cluster_share: float = 0.5  # share of the semantic latent's variance from the cluster (rest: sub-cluster)
+    latent_dim: int = 4  # dimension of the hidden entity latent vectors
+    cluster_share: float = 0.8  # share of the semantic latent's variance from the cluster (rest: sub-cluster)
     target_ctr: float = 0.256  # intercept is solved so the mean click probability equals this
     oracle_logit_std: float = 1.7  # std of the true logit (1.6-1.8 gives oracle AUC ~0.83-0.85)
     interaction_weight: float = 1.0  # relative std of latent interactions (user.ad, user.pub, ad.ctx, mains)
@@ -79,14 +79,14 @@ class SyntheticConfig:
             "missing_scale": (0.0, 10.0, True),
             "noise_token_rate": (0.0, 0.5, True),
         }
-        for name, (lo, hi, closed_lo) in floats.items():
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (lo <= v if closed_lo else lo < v) and v <= hi and not (name == "target_ctr" and v >= 1)
+        for name, (flo, fhi, closed_lo) in floats.items():
+            x = getattr(self, name)
+            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            ok = ok and (flo <= x if closed_lo else flo < x) and x <= fhi and not (name == "target_ctr" and x >= 1)
             if not ok:
                 bracket = "[" if closed_lo else "("
-                raise ValueError(f"SyntheticConfig.{name}={v!r}: expected a number in {bracket}{lo}, {hi}]")
-            setattr(self, name, float(v))
+                raise ValueError(f"SyntheticConfig.{name}={x!r}: expected a number in {bracket}{flo}, {fhi}]")
+            setattr(self, name, float(x))
         for name in ("write_tsv", "write_npy"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SyntheticConfig.{name}={getattr(self, name)!r}: expected a bool")

@@ -31,7 +31,7 @@ from .writers import DayWriter
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # on-disk layout
-GENERATOR_VERSION = 1  # bump whenever the same params would give different data
+GENERATOR_VERSION = 2  # bump whenever the same params would give different data
 BLOCK_ROWS = 32_768  # rows per random stream
 CALIBRATION_ROWS = 65_536  # rows drawn (spread over all days) to fit the logit scale and intercept
 
@@ -133,7 +133,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
     layout = build_layout(cfg)
     world = World(cfg, layout)
     scale, intercept = calibrate(world, cfg)
-    log.info("world built and calibrated in %.1fs (scale %.3f, intercept %.3f)", time.perf_counter() - t0, scale, intercept)
+    log.info("world built, calibrated in %.1fs (scale %.3f, bias %.3f)", time.perf_counter() - t0, scale, intercept)
     n = cfg.rows_per_day
     blocks_per_chunk = max(1, cfg.chunk_rows // BLOCK_ROWS)
     ctr, dense_min, files = [], [], []
@@ -164,7 +164,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
         files += writer.close(cfg.chunk_rows)
         dense_min.append(int(writer.dense_min or 0))
         ctr.append(clicks / n)
-        log.info("day %d/%d written (ctr %.4f, %.1fs elapsed)", day + 1, cfg.num_days, ctr[-1], time.perf_counter() - t0)
+        log.info("day %d/%d written (ctr %.4f, %.1fs)", day + 1, cfg.num_days, ctr[-1], time.perf_counter() - t0)
     y, z = np.concatenate(eval_labels), np.concatenate(eval_logits)
     half = (n + 1) // 2
     oracle = {
@@ -183,7 +183,10 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
     tmp = _manifest_path(out).with_suffix(".json.partial")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
     os.replace(tmp, _manifest_path(out))
-    log.info("synthetic dataset in %s: %d rows, oracle val AUC %.4f, %.1fs", out, cfg.total_rows, oracle["val_auc"], time.perf_counter() - t0)
+    log.info(
+        "synthetic dataset in %s: %d rows, oracle val AUC %.4f, %.1fs",
+        out, cfg.total_rows, oracle["val_auc"], time.perf_counter() - t0,
+    )
     return manifest
 
 

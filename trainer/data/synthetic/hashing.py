@@ -27,13 +27,13 @@ def _fmix32_py(h: int) -> int:
 
 def _fmix32(x: np.ndarray) -> np.ndarray:
     """murmur3 32-bit finaliser on a uint32 array (wraps modulo 2**32)."""
-    h = x.astype(np.uint32, copy=True)
+    h = np.array(x, dtype=np.uint32, ndmin=1)  # arrays, not scalars: wrap silently
     h ^= h >> np.uint32(16)
     h *= np.uint32(0x85EBCA6B)
     h ^= h >> np.uint32(13)
     h *= np.uint32(0xC2B2AE35)
     h ^= h >> np.uint32(16)
-    return h
+    return h.reshape(np.shape(x))
 
 
 def field_index(field: int | str) -> int:
@@ -65,14 +65,14 @@ def token_of(field: int | str, ids: np.ndarray | int) -> np.ndarray:
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser on a uint64 array."""
-    z = x.astype(np.uint64, copy=True)
+    z = np.array(x, dtype=np.uint64, ndmin=1)  # arrays, not scalars: wrap silently
     z += np.uint64(0x9E3779B97F4A7C15)
     z ^= z >> np.uint64(30)
     z *= np.uint64(0xBF58476D1CE4E5B9)
     z ^= z >> np.uint64(27)
     z *= np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
-    return z
+    return z.reshape(np.shape(x))
 
 
 def derive_key(*parts: int) -> int:

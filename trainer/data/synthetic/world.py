@@ -23,7 +23,7 @@ from .layout import (
 #: Latent interaction terms: (entity, entity, weight); main effects: (entity, weight).
 PAIRS = (("user", "ad", 1.0), ("user", "pub", 0.6), ("ad", "ctx", 0.4))
 MAINS = (("user", 0.5), ("ad", 0.6), ("pub", 0.4), ("ctx", 0.3))
-BIASES = (("user", 0.6), ("ad", 0.6), ("pub", 0.45), ("ctx", 0.3))
+BIASES = (("user", 0.35), ("ad", 0.6), ("pub", 0.45), ("ctx", 0.3))
 _COL = {f: i for i, f in enumerate(CAT_FIELDS)}
 _MU = np.log([s[0] for s in DENSE_SPECS])
 _SIGMA = np.array([s[1] for s in DENSE_SPECS])
@@ -134,7 +134,7 @@ class World:
         dmiss = np.zeros(dense.shape, dtype=bool)
         for cols, rate in DENSE_MISSING_GROUPS:
             rows = np.flatnonzero(rng.random(n) < min(rate * self.cfg.missing_scale, 0.99))
-            dmiss[np.ix_(rows, list(cols))] = True
+            dmiss[np.ix_(rows, np.array(cols, dtype=np.int64))] = True
         dense[dmiss] = 0
         return dense, dmiss
 
@@ -188,5 +188,5 @@ class World:
             sparse[:, _COL[f]] = 1 + _apply(self.perm[f], v)
         for fields, rate in CAT_MISSING_GROUPS:
             rows = np.flatnonzero(rng.random(n) < min(rate * cfg.missing_scale, 0.99))
-            sparse[np.ix_(rows, [_COL[f] for f in fields])] = 0
+            sparse[np.ix_(rows, np.array([_COL[f] for f in fields], dtype=np.int64))] = 0
         return sparse

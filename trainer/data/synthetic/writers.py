@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from trainer.data.types import dense_transform
 
 from .hashing import token_of
 
@@ -53,11 +56,6 @@ def format_tsv(labels: np.ndarray, dense: np.ndarray, dense_missing: np.ndarray,
     return flat[flat != 0].tobytes()
 
 
-def torchrec_dense_transform(raw: np.ndarray, day_min: int) -> np.ndarray:
-    """TorchRec ``tsv_to_npys`` math: ``log(x - min + 2)`` in float32, missing already 0, min over the file."""
-    return np.log((raw - day_min + 2).astype(np.float32), dtype=np.float32)
-
-
 class DayWriter:
     """Streams one day's rows into ``day_{i}`` TSV and the npy files (temporary names until ``close``)."""
 
@@ -65,13 +63,15 @@ class DayWriter:
         self.out, self.day, self.rows, self.pos = out_dir, day, rows, 0
         self.dense_min: int | None = None
         self.targets: dict[str, Path] = {}
-        self.tsv = None
+        self.tsv: BinaryIO | None = None
         if write_tsv:
             self.tsv = open(self._tmp(f"day_{day}"), "wb")  # noqa: SIM115 - closed in close()
-        self.arrays: dict[str, np.ndarray] = {}
-        specs = {"oracle_logits": (np.float32, (rows,))}
+        self.arrays: dict[str, np.memmap] = {}
+        specs: dict[str, tuple[type, tuple[int, ...]]] = {"oracle_logits": (np.float32, (rows,))}
         if write_npy:
-            specs |= {"dense": (np.float32, (rows, 13)), "sparse": (np.int32, (rows, 26)), "labels": (np.int32, (rows, 1))}
+            specs["dense"] = (np.float32, (rows, 13))
+            specs["sparse"] = (np.int32, (rows, 26))
+            specs["labels"] = (np.int32, (rows, 1))
         for kind, (dtype, shape) in specs.items():
             path = self._tmp(f"day_{day}_{kind}.npy")
             self.arrays[kind] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
@@ -108,7 +108,9 @@ class DayWriter:
         if "dense" in self.arrays:
             d = self.arrays["dense"]
             for a in range(0, self.rows, chunk_rows):
-                d[a : a + chunk_rows] = torchrec_dense_transform(d[a : a + chunk_rows], int(self.dense_min or 0))
+                # the readers' fixed-minimum transform (min -3, Criteo's I2 floor): TSV and npy then agree on
+                # every day, and equal TorchRec's per-file transform whenever the day reaches -3 (all of ours)
+                d[a : a + chunk_rows] = dense_transform(d[a : a + chunk_rows])
         for arr in self.arrays.values():
             arr.flush()
         self.arrays.clear()
