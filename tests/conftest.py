@@ -21,3 +21,13 @@ def tiny_overrides(path: Path, run_dir: Path) -> list[str]:
         "data.eval_batch_size=1024", f"training.run_dir={run_dir}", "training.progress_bar=false",
         "training.log_every=10",
     ]
+
+
+@pytest.fixture(scope="session")
+def learnable_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny` with 25,000 rows per day: enough rows for a DLRM to learn clearly within seconds."""
+    from trainer.data.synthetic import generate, preset_config
+
+    out = tmp_path_factory.mktemp("syn-learnable")
+    generate(preset_config("tiny", rows_per_day=25_000), out)
+    return out

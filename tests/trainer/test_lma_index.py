@@ -1,0 +1,142 @@
+"""``compactrec lma-index`` on the tiny synthetic log (signatures checked against explicit sets rebuilt from the
+data, streamed merging, min_count, errors), and every method of issue 4 training end to end through the real
+trainer on 2 gloo ranks, LMA with the index that ``run_lma_index`` built."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+import torch
+
+from embeddings import registry
+from embeddings.lma import LmaOptions
+from embeddings.lma_index import load_index, read_header
+from embeddings.lma_minhash import row_ranks, set_signatures, value_keys
+from tests.conftest import tiny_overrides
+from tests.dist_utils import run_multiprocess
+from trainer import cli
+from trainer.config import Config, load_config
+from trainer.data import loader
+from trainer.lma_index import build_lma_index, lma_options, run_lma_index
+from trainer.strict import from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = {name: REPO / "configs" / f"{name}_small.yaml" for name in ("lma", "robe", "hash", "qr")}
+
+
+def _lma_config(data: Path, tmp: Path, *extra: str) -> Config:
+    return load_config(PRESETS["lma"], tiny_overrides(data, tmp / "run") + [
+        f"embeddings.options.index_path={tmp / 'index.npz'}", *extra])
+
+
+def _explicit_signatures(config: Config, options: LmaOptions, num_functions: int) -> Dict[int, np.ndarray]:
+    """Value key -> minhash signature from explicit semantic sets, rebuilt from all training batches."""
+    stream = loader.make_batches(config.data, "train", 0, 1)
+    available = stream.num_batches * config.data.batch_size  # type: ignore[operator]
+    count = min(options.sample_rows, available)
+    sample = np.sort(np.random.default_rng(options.seed).choice(available, size=count, replace=False))
+    position = {int(row): i for i, row in enumerate(sample)}
+    sets: Dict[int, set] = defaultdict(set)
+    offset = 0
+    for batch in stream:
+        for f, feature in enumerate(loader.feature_names()[1]):
+            jt = batch.sparse_features[feature]
+            for row, ids in enumerate(jt.to_dense()):
+                if offset + row in position:
+                    for key in value_keys(ids, torch.full_like(ids, f)).tolist():
+                        sets[key].add(position[offset + row])
+        offset += batch.sparse_features.stride()
+    ranks = row_ranks(count, num_functions, options.seed)
+    keys = sorted(sets)
+    signatures = set_signatures([np.array(sorted(sets[k])) for k in keys], ranks)
+    return dict(zip(keys, signatures))
+
+
+def test_index_signatures_equal_explicit_sets_of_the_sampled_rows(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = _lma_config(tiny_dataset, tmp_path, "embeddings.options.sample_rows=300",
+                         "embeddings.options.chunk_size=8", "embeddings.options.min_count=1")
+    options = lma_options(config)
+    streamed = build_lma_index(config, options, max_pairs=1000)  # many merges: bounded buffer
+    one_pass = build_lma_index(config, options, max_pairs=10**8)
+    assert np.array_equal(streamed.keys, one_pass.keys) and np.array_equal(streamed.signatures, one_pass.signatures)
+    header = streamed.header
+    assert header.rows_sampled == 300 and header.rows_available == 14848  # 58 whole batches of 256
+    assert header.num_chunks == 2 and header.num_hashes == 2 and header.values_covered == len(streamed.keys)
+    assert sum(header.values_per_feature) == header.values_covered
+    explicit = _explicit_signatures(config, options, num_functions=4)
+    assert sorted(explicit) == streamed.keys.tolist()
+    for key, signature in zip(streamed.keys.tolist(), streamed.signatures):
+        assert np.array_equal(explicit[key], signature)
+
+
+def test_run_lma_index_writes_the_artifact_and_min_count_filters(tiny_dataset: Path, tmp_path: Path) -> None:
+    config = _lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=1")
+    summary = run_lma_index(config)
+    header = read_header(tmp_path / "index.npz")
+    assert f"{header.values_covered:,} values covered" in summary and "14,848 sampled" in summary
+    assert header.values_covered == header.values_seen > 10_000
+    filtered = run_lma_index(_lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=3"),
+                             out=str(tmp_path / "mc3.npz"))
+    index = load_index(tmp_path / "mc3.npz")
+    assert "min_count 3" in filtered and 0 < index.header.values_covered < header.values_covered
+    assert int(index.counts.min()) >= 3 and index.header.values_seen == header.values_seen
+
+
+def test_cli_builds_the_index_and_reports_errors(tiny_dataset: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "run")
+    out = tmp_path / "cli.npz"
+    assert cli.main(["lma-index", str(PRESETS["lma"]), *overrides, "--out", str(out)]) == 0
+    assert "values covered" in capsys.readouterr().out and out.is_file()
+    assert cli.main(["lma-index", str(PRESETS["hash"]), *overrides, "--out", str(out)]) == 2
+    assert "embeddings.kind is 'hash'" in capsys.readouterr().err
+    assert cli.main(["lma-index", str(PRESETS["lma"]), *overrides, "embeddings.options.index_path=null"]) == 2
+    assert "--out PATH or set embeddings.options.index_path" in capsys.readouterr().err
+
+
+def test_presets_state_valid_options() -> None:
+    for name, path in PRESETS.items():
+        config = load_config(path)
+        assert config.embeddings.kind == name
+        spec = registry.get(name)
+        from_dict(spec.options_type, config.embeddings.options, source=str(path), prefix="embeddings.options")
+
+
+def _train_all(rank: int, world: int, runs: List[List[str]]) -> List[Dict[str, Any]]:
+    from trainer.distributed import init_distributed
+    from trainer.loop import run_training
+
+    ctx = init_distributed("cpu")
+    results = []
+    for args in runs:
+        result = run_training(load_config(args[0], args[1:]), ctx)
+        results.append({"steps": result["steps"], "val": result["val"], "memory": result["memory"],
+                        "embeddings": result["embeddings"]})
+    return results
+
+
+def test_every_method_trains_end_to_end_on_two_ranks(tiny_dataset: Path, tmp_path: Path) -> None:
+    common = ["training.evals_per_epoch=1", "training.final_test=false", "data.limit_eval_batches=2"]
+    runs = []
+    for name, preset in PRESETS.items():
+        overrides = tiny_overrides(tiny_dataset, tmp_path / name) + common
+        if name == "lma":
+            overrides.append(f"embeddings.options.index_path={tmp_path / 'lma.npz'}")
+            print(run_lma_index(load_config(preset, overrides)))  # the trainer loads what the command built
+        runs.append([str(preset), *overrides])
+    results = run_multiprocess(_train_all, world_size=2, args=(runs,))
+    for name, r0, r1 in zip(PRESETS, *results):
+        assert r0["embeddings"] == name and r0["val"] == r1["val"], name  # global metrics agree on both ranks
+        assert r0["steps"] == 14848 // 512, name  # one epoch of global batches of 2 x 256
+        assert math.isfinite(r0["val"]["logloss"]) and r0["val"]["auc"] > 0.55, (name, r0["val"])
+        memory = r0["memory"]
+        assert memory["compression_ratio"] > 1.5 and memory["total_bytes"] == sum(t["bytes"] for t in memory["tables"])
+    lma_memory = results[0][0]["memory"]
+    dictionary = {t["name"]: t["bytes"] for t in lma_memory["tables"]}
+    covered = read_header(tmp_path / "lma.npz").values_covered
+    assert dictionary["lma_index_keys"] == 8 * covered and dictionary["lma_index_rows"] == 4 * covered
