@@ -8,6 +8,7 @@ Command-line overrides are ``section.key=value`` with ``value`` parsed as YAML
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -115,6 +116,9 @@ class OptimizerConfig:
     dense_lr: float = 0.05  # learning rate of the MLPs and replicated tables
     eps: float = 1e-8  # Adagrad / Adam epsilon
     weight_decay: float = 0.0  # L2 weight decay for both optimizers
+    # global batch the learning rates above were set for; when given, both rates are scaled linearly to the
+    # run's global batch (MLPerf DLRMv2: lr 0.005 at 65536); null = use the rates as they are
+    reference_global_batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.sparse not in SPARSE_OPTIMIZERS:
@@ -126,6 +130,16 @@ class OptimizerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.reference_global_batch is not None and self.reference_global_batch <= 0:
+            raise ValueError(f"reference_global_batch must be positive or null, got {self.reference_global_batch}")
+
+    def scaled(self, global_batch: int) -> "OptimizerConfig":
+        """A copy with both learning rates scaled linearly from ``reference_global_batch`` to ``global_batch``."""
+        if self.reference_global_batch is None:
+            return self
+        factor = global_batch / self.reference_global_batch
+        return dataclasses.replace(self, sparse_lr=self.sparse_lr * factor, dense_lr=self.dense_lr * factor,
+                                   reference_global_batch=None)
 
 
 @dataclass
@@ -140,6 +154,8 @@ class TrainingConfig:
     log_every: int = 20  # steps between progress-bar / TensorBoard updates
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     final_test: bool = True  # evaluate the test split after training
+    target_auc: Optional[float] = None  # stop at the first validation AUC >= this (MLPerf DLRMv2: 0.80275)
+    mlperf_log: bool = True  # rank 0 writes MLPerf-style :::MLLOG events to RUN_DIR/mlperf.log
     progress_bar: bool = True  # rank-0 tqdm bar; false logs a line every log_every steps instead
 
     def __post_init__(self) -> None:
@@ -151,6 +167,8 @@ class TrainingConfig:
             raise ValueError(f"evals_per_epoch must be >= 0, got {self.evals_per_epoch}")
         if self.log_every <= 0:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
+        if self.target_auc is not None and not 0.5 < self.target_auc < 1.0:
+            raise ValueError(f"target_auc must be in (0.5, 1) or null, got {self.target_auc}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -28,6 +28,7 @@ from trainer.datasets import DatasetInfo, dataset_info
 from trainer.distributed import DistContext
 from trainer.evaluate import Evaluator
 from trainer.ids import reduce_ids_into_tables
+from trainer.mlperf_log import MLPerfLogger
 from trainer.model import SparseArch, TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
 from trainer.optim import apply_sparse_optimizer, combined_optimizer
 from trainer.planning import plan_model
@@ -85,38 +86,57 @@ def evaluate(pipeline: TrainPipelineSparseDist, model: Any, batches: Iterator[Ba
     return evaluator.compute()
 
 
-def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
-    """Train and evaluate as configured; returns the metrics written to ``metrics.json`` on rank 0."""
-    seed_everything(config.training.seed)
-    run_dir = Path(config.training.run_dir)
-    info = dataset_info(config)
-    model, arch = build_sharded_model(config, ctx, info)
-    optimizer = combined_optimizer(model, config.optimizer)
-    pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
-    mem = memory_report(arch, config.optimizer.sparse)
-    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.spec.ids == "table" else (lambda b: b)
-
-    steps_per_epoch = loader.count_rows(config.data, "train") // (config.data.batch_size * ctx.world_size)
+def _train_steps(config: Config, ctx: DistContext) -> tuple[int, int]:
+    """(steps per epoch, total steps) for the configured data, limits and max_steps."""
+    rows = loader.count_rows(config.data, "train")
+    steps_per_epoch = rows // (config.data.batch_size * ctx.world_size)
     if config.data.limit_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, config.data.limit_train_batches)
     total = steps_per_epoch * config.training.epochs
     if config.training.max_steps is not None:
         total = min(total, config.training.max_steps)
     if total == 0:
-        raise ValueError(f"no training batches: {loader.count_rows(config.data, 'train')} train rows < "
-                         f"global batch {config.data.batch_size * ctx.world_size}")
+        raise ValueError(f"no training batches: {rows} train rows < global batch {config.data.batch_size * ctx.world_size}")
+    return steps_per_epoch, total
+
+
+def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
+    """Train and evaluate as configured; returns the metrics written to ``metrics.json`` on rank 0.
+
+    Evaluates ``training.evals_per_epoch`` times per epoch on the validation split (epoch fractions recorded),
+    stops at the first validation AUC >= ``training.target_auc`` when set, then scores the test split.
+    """
+    seed_everything(config.training.seed)
+    run_dir = Path(config.training.run_dir)
+    global_batch = config.data.batch_size * ctx.world_size
+    optim_cfg = config.optimizer.scaled(global_batch)
+    mlperf = MLPerfLogger(run_dir / "mlperf.log" if ctx.is_main and config.training.mlperf_log else None)
+    mlperf.event("global_batch_size", global_batch)
+    mlperf.event("opt_base_learning_rate", optim_cfg.sparse_lr)
+    mlperf.event("opt_name", optim_cfg.sparse)
+    info = dataset_info(config)
+    model, arch = build_sharded_model(config, ctx, info)
+    optimizer = combined_optimizer(model, optim_cfg)
+    pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
+    mem = memory_report(arch, config.optimizer.sparse)
+    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.spec.ids == "table" else (lambda b: b)
+    steps_per_epoch, total = _train_steps(config, ctx)
     reporter = Reporter(config, ctx, run_dir, total, mem)
     if ctx.is_main:
         save_config(config, run_dir / "config.yaml")
     reporter.log_start(info)
+    mlperf.event("train_samples", steps_per_epoch * global_batch)
+    mlperf.event("eval_samples", loader.count_rows(config.data, "val"))
+    mlperf.start("run_start")
 
-    step, evals = 0, []
+    step, evals, reached = 0, [], False
     start = time.perf_counter()
     train_time = 0.0
     for epoch in range(config.training.epochs):
         epoch_steps = min(steps_per_epoch, total - step)
-        if epoch_steps <= 0:
+        if epoch_steps <= 0 or reached:
             break
+        mlperf.start("epoch_start", metadata={"epoch_num": epoch + 1})
         train_iter = _batches(config, "train", ctx, transform)
         for seg_steps in _segments(epoch_steps, config.training.evals_per_epoch):
             seg_iter = itertools.islice(train_iter, seg_steps)
@@ -131,11 +151,22 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
                     raise FloatingPointError(f"loss is {float(loss)} at step {step} (epoch {epoch})")
                 reporter.on_step(step, float(loss))
             train_time += time.perf_counter() - t0
+            epoch_fraction = step / steps_per_epoch
+            mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
             metrics = evaluate(pipeline, model, _batches(config, "val", ctx, transform), ctx)
-            metrics.update(step=step, epoch=epoch + step / max(1, total))
+            metrics.update(step=step, epoch=epoch_fraction)
+            mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
+            mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
             evals.append(metrics)
             reporter.on_eval("val", step, metrics)
-    samples = step * config.data.batch_size * ctx.world_size
+            target = config.training.target_auc
+            if target is not None and metrics["auc"] >= target:
+                reached = True
+                break
+        mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
+    status = "success" if config.training.target_auc is None or reached else "aborted"
+    mlperf.end("run_stop", metadata={"status": status})
+    samples = step * global_batch
     result: Dict[str, Any] = {
         "steps": step,
         "train_samples": samples,
@@ -143,14 +174,20 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "samples_per_s": samples / max(train_time, 1e-9),
         "wall_seconds": time.perf_counter() - start,
         "world_size": ctx.world_size,
+        "global_batch": global_batch,
+        "learning_rates": {"sparse": optim_cfg.sparse_lr, "dense": optim_cfg.dense_lr},
         "embeddings": config.embeddings.kind,
         "memory": mem.as_dict(),
         "val": evals[-1],
         "evals": evals,
+        "target_auc": config.training.target_auc,
+        "target_reached": reached,
         "data_skips": loader.skip_report(),
     }
     if config.training.final_test:
         result["test"] = evaluate(pipeline, model, _batches(config, "test", ctx, transform), ctx)
+        mlperf.event("test_accuracy", result["test"]["auc"])
+    mlperf.close()
     reporter.finish(result)
     return result
 
