@@ -8,6 +8,8 @@ from typing import List, Optional
 FORMATS = ("tsv", "npy", "npz")
 BAD_ROW_POLICIES = ("error", "skip")
 SPLITS = ("train", "val", "test")
+MULTI_HOT_DISTRIBUTIONS = ("uniform", "pareto")
+NUM_SPARSE_FEATURES = 26  # Criteo's categorical features (trainer/data/types.py imports torchrec; this does not)
 
 
 def _default_train_days() -> List[int]:
@@ -20,7 +22,7 @@ class DataConfig:
 
     # "tsv": raw Criteo TSV (Terabyte day_N files, or Kaggle train.txt via kaggle_file);
     # "npy": TorchRec/MLPerf one-hot day_{i}_{dense,sparse,labels}.npy;
-    # "npz": MLPerf DLRMv2 multi-hot (npy dense/labels + day_{i}_sparse_multi_hot.npz).
+    # "npz": MLPerf DLRMv2 multi-hot (npy dense/labels + day_{i}_sparse_multi_hot.npz; see multi_hot_sizes).
     format: str = "npy"
     # Dataset directory.
     path: str = "data/synthetic-small"
@@ -45,6 +47,22 @@ class DataConfig:
     # Caps on per-rank batch counts (None = no cap), for quick runs.
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None  # per-rank cap on eval batches (None = the whole split)
+    # MLPerf DLRMv2 multi-hot expansion of one-hot ids (trainer/data/multihot.py), 26 ids-per-sample counts,
+    # e.g. the MLPerf sizes [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1].
+    # With format "npy" every day is expanded on the fly; with "npz" a day whose
+    # day_{i}_sparse_multi_hot.npz is absent is expanded on the fly from day_{i}_sparse.npy (a present npz
+    # must have these sizes). None = one-hot as stored.
+    multi_hot_sizes: Optional[List[int]] = None
+    # Distribution of the extra ids: "uniform" (MLPerf) or "pareto".
+    multi_hot_distribution: str = "uniform"
+    # Tables with fewer rows stay one-hot (size 1). 0 = off, as in the reference that produced the MLPerf
+    # data; its early prototypes used 200.
+    multi_hot_min_table_size: int = 0
+    # Seed of the legacy NumPy stream the extra ids are drawn from (MLPerf: 0).
+    multi_hot_seed: int = 0
+    # Table sizes the one-hot ids are reduced modulo before expansion (MLPerf: the 26 Terabyte sizes). None =
+    # num_embeddings_per_feature of manifest.json in `path` (synthetic data). Only read with multi_hot_sizes.
+    num_embeddings_per_feature: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ValueError:
@@ -81,3 +99,16 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise bad(name, value, "must be None or >= 0")
+        for name in ("multi_hot_sizes", "num_embeddings_per_feature"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != NUM_SPARSE_FEATURES or any(v < 1 for v in value)):
+                raise bad(name, value, f"must be None or {NUM_SPARSE_FEATURES} integers >= 1")
+        if self.multi_hot_sizes is not None and self.format == "tsv":
+            raise bad("multi_hot_sizes", self.multi_hot_sizes, "needs format 'npy' or 'npz', not 'tsv'")
+        if self.multi_hot_distribution not in MULTI_HOT_DISTRIBUTIONS:
+            raise bad("multi_hot_distribution", self.multi_hot_distribution,
+                      f"must be one of {list(MULTI_HOT_DISTRIBUTIONS)}")
+        if self.multi_hot_min_table_size < 0:
+            raise bad("multi_hot_min_table_size", self.multi_hot_min_table_size, "must be >= 0")
+        if not 0 <= self.multi_hot_seed < 2**32:
+            raise bad("multi_hot_seed", self.multi_hot_seed, "must be in [0, 2**32)")

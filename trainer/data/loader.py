@@ -1,7 +1,12 @@
 """Per-rank batches of a split, identical in number and size on every rank.
 
 Dataset directory (``DataConfig.path``): ``day_{i}`` raw TSV; ``day_{i}_{dense,sparse,labels}.npy``;
-optional ``day_{i}_sparse_multi_hot.npz`` and ``day_{i}_oracle_logits.npy``; ``manifest.json`` (not read).
+optional ``day_{i}_sparse_multi_hot.npz`` and ``day_{i}_oracle_logits.npy``; ``manifest.json`` (read only for
+the table sizes of an on-the-fly multi-hot expansion, see ``trainer/data/multihot.py``).
+
+Which reader a day gets: "npy" -> ``NpyDay`` (one-hot), or ``MultiHotDay`` when ``multi_hot_sizes`` is set;
+"npz" -> ``NpzDay`` when the day's npz exists, else ``MultiHotDay`` over the one-hot npy day if
+``multi_hot_sizes`` is set (logged), else an error.
 
 Sharing rule: the split's rows (days concatenated in order) form global batches of ``B * W`` rows and rank r
 takes rows ``[g*B*W + r*B, g*B*W + (r+1)*B)`` of global batch g. Train drops the last partial global batch.
@@ -24,6 +29,7 @@ import numpy as np
 
 from trainer.data import tsv
 from trainer.data.config import SPLITS, DataConfig
+from trainer.data.multihot import NPZ_SUFFIX, MultiHotDay, MultiHotSpec, multi_hot_spec, tables_for
 from trainer.data.npy import NpyDay, day_path, expect, open_array
 from trainer.data.npz import NpzDay
 from trainer.data.types import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
@@ -126,6 +132,25 @@ def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
     return segments
 
 
+def _open_day(cfg: DataConfig, day: int, spec: Optional[MultiHotSpec]) -> DaySource:
+    """The reader of one preprocessed day (see the module doc)."""
+    npz_path = day_path(cfg.path, day, NPZ_SUFFIX)
+    if cfg.format == "npz" and os.path.exists(npz_path):
+        npz_day = NpzDay(cfg.path, day)
+        if spec is not None and npz_day.sizes != spec.effective_sizes:
+            raise ValueError(f"{npz_path}: holds {npz_day.sizes} ids per sample, data.multi_hot_sizes gives "
+                             f"{spec.effective_sizes}")
+        return npz_day
+    if cfg.format == "npz" and spec is None:
+        raise FileNotFoundError(f"{npz_path}: no such file; set data.multi_hot_sizes to expand "
+                                f"{day_path(cfg.path, day, 'sparse.npy')} on the fly instead")
+    if spec is None:
+        return NpyDay(cfg.path, day)
+    if cfg.format == "npz":
+        logger.info("%s is absent: expanding the one-hot day %d to multi-hot on the fly", npz_path, day)
+    return MultiHotDay(NpyDay(cfg.path, day), tables_for(spec))
+
+
 _Source = Union[List[tsv.TsvSegment], _ArraySplit]
 
 
@@ -143,7 +168,8 @@ def _split_source(cfg: DataConfig, split: str) -> Tuple[_Source, int]:
         half = math.ceil(total / 2)
         seg.row_start, seg.row_stop = (0, half) if split == "val" else (half, None)
         return segments, (half if split == "val" else total - half)
-    opened = [NpyDay(cfg.path, d) if cfg.format == "npy" else NpzDay(cfg.path, d) for d in days]
+    spec = multi_hot_spec(cfg)
+    opened = [_open_day(cfg, d, spec) for d in days]
     if split == "train":
         source = _ArraySplit([(day, 0, day.num_rows) for day in opened])
     else:
@@ -243,8 +269,14 @@ def skip_report() -> Dict[str, Dict[str, int]]:
 
 def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
     """Mean ids per sample for each sparse feature, from the first training day: 1.0 for npy (one-hot),
-    ``size_f`` for npz (multi-hot), and for TSV the share of non-missing values in its first rows."""
+    ``size_f`` for npz or an on-the-fly multi-hot expansion, and for TSV the share of non-missing values in
+    its first rows."""
     day = cfg.train_days[0]
+    spec = multi_hot_spec(cfg)
+    if cfg.format == "npz" and os.path.exists(day_path(cfg.path, day, NPZ_SUFFIX)):
+        return [float(size) for size in NpzDay(cfg.path, day).sizes]
+    if spec is not None:
+        return [float(size) for size in spec.effective_sizes]
     if cfg.format == "npy":
         return [1.0] * len(SPARSE_FEATURES)
     if cfg.format == "npz":

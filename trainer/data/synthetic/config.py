@@ -47,6 +47,8 @@ class SyntheticConfig:
     chunk_rows: int = 131_072  # rows formatted/written per step (memory knob; does not change the data)
     write_tsv: bool = True  # write raw Terabyte-style TSV day_{i}
     write_npy: bool = True  # write TorchRec npy day_{i}_{dense,sparse,labels}.npy
+    table_sizes: str = "kaggle"  # Criteo table list the fields are scaled from: "kaggle" or "terabyte" (terabyte.py)
+    write_multi_hot: bool = False  # also write MLPerf DLRMv2 day_{i}_sparse_multi_hot.npz (needs write_npy)
 
     def __post_init__(self) -> None:
         """Validate every field; raise ValueError naming the field and its value."""
@@ -87,11 +89,15 @@ class SyntheticConfig:
                 bracket = "[" if closed_lo else "("
                 raise ValueError(f"SyntheticConfig.{name}={x!r}: expected a number in {bracket}{flo}, {fhi}]")
             setattr(self, name, float(x))
-        for name in ("write_tsv", "write_npy"):
+        for name in ("write_tsv", "write_npy", "write_multi_hot"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SyntheticConfig.{name}={getattr(self, name)!r}: expected a bool")
         if not (self.write_tsv or self.write_npy):
             raise ValueError("SyntheticConfig.write_tsv=False and write_npy=False: nothing would be written")
+        if self.table_sizes not in ("kaggle", "terabyte"):
+            raise ValueError(f"SyntheticConfig.table_sizes={self.table_sizes!r}: expected 'kaggle' or 'terabyte'")
+        if self.write_multi_hot and not self.write_npy:
+            raise ValueError("SyntheticConfig.write_multi_hot=True needs write_npy=True (it expands day_{i}_sparse.npy)")
         weights = (self.interaction_weight, self.token_effect_weight, self.dense_weight)
         if sum(weights) <= 0:
             raise ValueError(

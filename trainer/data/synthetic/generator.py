@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import SyntheticConfig
+from . import terabyte
 from .layout import CAT_FIELDS, DENSE_FIELDS, build_layout, field_groups
 from .world import World
 from .writers import DayWriter
@@ -137,6 +138,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
     n = cfg.rows_per_day
     blocks_per_chunk = max(1, cfg.chunk_rows // BLOCK_ROWS)
     ctr, dense_min, files = [], [], []
+    columns = terabyte.column_order(cfg.table_sizes)  # file column j shows generator field columns[j]
     eval_labels: list[np.ndarray] = []
     eval_logits: list[np.ndarray] = []
     for day in range(cfg.num_days):
@@ -150,7 +152,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
                 rows = min(BLOCK_ROWS, n - b * BLOCK_ROWS)
                 rng = _rng(cfg, 0xDA7A, day, b)
                 hid = world.sample_hidden(rng, day, rows)
-                sparse = world.emit(hid, rng, day, noise_used)
+                sparse = world.emit(hid, rng, day, noise_used)[:, columns]
                 dense, dmiss = hid.dense, hid.dmiss
                 logit = (scale * hid.raw + intercept).astype(np.float32)
                 label = (rng.random(rows) < sigmoid(logit.astype(np.float64))).astype(np.int32)
@@ -180,6 +182,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False)
         "logit_std": float(z.std()),
     }
     manifest = _build_manifest(cfg, layout, scale, intercept, ctr, dense_min, sorted(files), oracle)
+    manifest = terabyte.finish(out, manifest, cfg.table_sizes, cfg.write_multi_hot)
     tmp = _manifest_path(out).with_suffix(".json.partial")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
     os.replace(tmp, _manifest_path(out))

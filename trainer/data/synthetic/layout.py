@@ -117,7 +117,9 @@ def _noise_plan(cfg: SyntheticConfig, rate: float, card: int) -> tuple[float, in
 
 def build_layout(cfg: SyntheticConfig) -> Layout:
     """Resolve every field's table size and the taxonomy level sizes from the config."""
-    kag = dict(zip(CAT_FIELDS, KAGGLE_CARDINALITIES))
+    from .terabyte import base_cardinalities  # terabyte.py imports this module
+
+    kag = dict(zip(CAT_FIELDS, base_cardinalities(cfg.table_sizes)))
     lay = Layout(cards={})
     for ent in ENTITIES:
         card = scaled_cardinality(kag[ent.inst_fields[0]], cfg)  # near-duplicates share the first's size

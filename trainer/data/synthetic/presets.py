@@ -3,6 +3,11 @@
 ``cardinality_scale`` follows the data size relative to Criteo Kaggle (45.84M rows), so tables are about as
 over-complete for the data as Kaggle's are. ``*-control`` variants set ``semantic_strength=0``: clusters
 still shape who meets whom (co-occurrence) but carry no label signal.
+
+``tb-*`` presets: Criteo Terabyte layout (``terabyte.py``): 24 days (0-22 train, 23 val/test), table sizes
+scaled from the MLPerf DLRMv2 list by the same rule, relative to Terabyte's 4,373,472,329 rows. No TSV (the
+MLPerf pipeline trains from the preprocessed npy/npz files); ``write_multi_hot=true`` adds the MLPerf
+multi-hot npz files (34 MB a day at 40k rows), which the loader can also expand on the fly.
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ _BASE: dict[str, dict[str, Any]] = {
     "medium": {"num_days": 7, "rows_per_day": 1_430_000, "cardinality_scale": 0.22, "chunk_rows": 262_144},
     # 7 x 7.15M = 50.05M rows, Kaggle-sized tables.
     "large": {"num_days": 7, "rows_per_day": 7_150_000, "cardinality_scale": 1.0, "chunk_rows": 262_144},
+    # Terabyte layout for tests: 24 x 2,001 = 48,024 rows (odd: the day-23 halves differ by one row).
+    "tb-tiny": {"table_sizes": "terabyte", "num_days": 24, "rows_per_day": 2_001, "cardinality_scale": 1.1e-5,
+                "write_tsv": False, "chunk_rows": 32_768},
+    # Terabyte layout, 24 x 40k = 960k rows (2.2e-4 of Terabyte): the 40M tables get 8,800 rows.
+    "tb-scaled": {"table_sizes": "terabyte", "num_days": 24, "rows_per_day": 40_000, "cardinality_scale": 2.2e-4,
+                  "write_tsv": False},
 }
 PRESETS: dict[str, dict[str, Any]] = {}
 for _name, _over in _BASE.items():
