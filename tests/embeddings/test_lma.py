@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import pytest
@@ -117,7 +117,7 @@ def test_index_round_trip_and_header_only_read(index_path: Path) -> None:
         assert json.loads(str(raw["header"]))["values_covered"] == 60
 
 
-def _rewrite_header(path: Path, **changes: object) -> None:
+def _rewrite_header(path: Path, **changes: Any) -> None:
     index = load_index(path)
     save_index(dataclasses.replace(index, header=dataclasses.replace(index.header, **changes)), path)
 
@@ -214,8 +214,8 @@ def test_element_level_reference_path_uses_one_float_chunks(tmp_path: Path) -> N
 
 
 def test_without_sharing_it_is_an_embedding_bag_collection_over_gathered_rows(index_path: Path) -> None:
-    """Large memory: every indexed value owns its chunks, so LMA equals an EBC whose rows are the gathered chunks;
-    one SGD step on both keeps them equal."""
+    """Large memory: values share rows exactly where their signatures agree (no random collisions), and LMA
+    equals an EBC whose rows are each value's gathered chunks."""
     module = _module(index_path, num_rows=10**6, pooling="mean")
     index = load_index(index_path)
     keys, rows = module.layout.addresser.index_rows(module.layout)  # type: ignore[attr-defined]

@@ -44,13 +44,20 @@ def _explicit_signatures(config: Config, options: LmaOptions, num_functions: int
     sets: Dict[int, set] = defaultdict(set)
     offset = 0
     for batch in stream:
-        for f, feature in enumerate(loader.feature_names()[1]):
-            jt = batch.sparse_features[feature]
-            for row, ids in enumerate(jt.to_dense()):
-                if offset + row in position:
-                    for key in value_keys(ids, torch.full_like(ids, f)).tolist():
-                        sets[key].add(position[offset + row])
-        offset += batch.sparse_features.stride()
+        kjt = batch.sparse_features
+        size, num_features = kjt.stride(), len(kjt.keys())
+        rows = torch.repeat_interleave(torch.arange(size).repeat(num_features), kjt.lengths().long())
+        features = torch.repeat_interleave(torch.arange(num_features), kjt.lengths().view(num_features, -1).sum(1))
+        keys = value_keys(kjt.values(), features)
+        if offset == 0:  # the vectorised (row, feature) of each id agrees with the KJT's own per-bag view
+            for f, feature in enumerate(kjt.keys()):
+                dense = [(row, x) for row, ids in enumerate(kjt[feature].to_dense()) for x in ids.tolist()]
+                mine = features == f
+                assert dense == list(zip(rows[mine].tolist(), kjt.values()[mine].tolist()))
+        for key, row in zip(keys.tolist(), rows.tolist()):
+            if offset + row in position:
+                sets[key].add(position[offset + row])
+        offset += size
     ranks = row_ranks(count, num_functions, options.seed)
     keys = sorted(sets)
     signatures = set_signatures([np.array(sorted(sets[k])) for k in keys], ranks)

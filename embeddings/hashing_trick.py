@@ -1,0 +1,163 @@
+"""``hash``: the hashing trick - each feature's raw ids hashed into a smaller table of its own.
+
+Row of raw id ``x`` of feature ``f`` (index in the feature list): ``hash_to_range(x, f, seed, 0, rows_f)``
+(``embeddings.hashing``: all 64 bits of the id count). ``rows_f`` is ``memory_fraction`` of the feature's
+full table (at least 1 row), or ``num_rows`` for every feature. ``hash: identity`` takes ``x mod rows_f``
+instead (MLPerf v1's id capping; with ``rows_f`` >= the id range the module is exactly an
+EmbeddingBagCollection). Lookups are one pooled TBE lookup per id, as in a full table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings import registry
+from embeddings.chunked import (
+    DEFAULT_MEMORY_FRACTION,
+    POOLINGS,
+    Aux,
+    RemapLayout,
+    RemappedEmbeddingBagCollection,
+    check_choice,
+    check_int,
+    check_memory,
+    feature_of_values,
+    pooling_type,
+    remapped_memory,
+    row_wise_constraints,
+    sized_rows,
+    uniform_init,
+    unsigned_mod_rows,
+    wrap_of,
+)
+from embeddings.hashing import hash_salt, mix64
+from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+
+
+@dataclass
+class HashOptions:
+    """Hashing-trick options.
+
+    - ``memory_fraction``: rows of each table / rows of the feature's full table (default 1/16 when
+      ``num_rows`` is null too; at least 1 row).
+    - ``num_rows``: explicit rows of every feature's table.
+    - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag.
+    - ``seed``: hash seed in [0, 2**63).
+    - ``hash``: "mix" (pinned splitmix64 hash) or "identity" (``id mod rows``).
+    """
+
+    memory_fraction: Optional[float] = None
+    num_rows: Optional[int] = None
+    pooling: str = "sum"
+    seed: int = 0
+    hash: str = "mix"
+
+    def __post_init__(self) -> None:
+        check_memory(self.memory_fraction, self.num_rows)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_int("seed", self.seed, 0, (1 << 63) - 1)
+        check_choice("hash", self.hash, ("mix", "identity"))
+
+
+class HashLayout(RemapLayout):
+    """One ``rows_f x dim`` table per feature, ``hash_<feature>``; ids mapped to rows in ``expand``."""
+
+    method = "hash"
+
+    def __init__(self, ctx: SparseArchContext, options: HashOptions, table_prefix: str = "hash") -> None:
+        super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
+        self.options = options
+        if options.num_rows is not None:
+            self.rows = [options.num_rows] * len(self.feature_names)
+        else:
+            fraction = DEFAULT_MEMORY_FRACTION if options.memory_fraction is None else options.memory_fraction
+            self.rows = [sized_rows(int(n), fraction, 1, 1) for n in ctx.num_embeddings_per_feature]
+
+    def table_name(self, feature: str) -> str:
+        return f"{self.table_prefix}_{feature}"
+
+    def inner_configs(self) -> List[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name=self.table_name(f), embedding_dim=self.embedding_dim, num_embeddings=rows,
+                               feature_names=[f], pooling=pooling_type(self.options.pooling),
+                               init_fn=uniform_init(rows))
+            for f, rows in zip(self.feature_names, self.rows)
+        ]
+
+    def logical_configs(self) -> List[EmbeddingBagConfig]:
+        return self.inner_configs()
+
+    def planner_pooling_factors(self, pooling_factors: Sequence[float]) -> Dict[str, List[float]]:
+        return {self.table_name(f): [float(pf)] for f, pf in zip(self.feature_names, pooling_factors)}
+
+    def buffers(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        features = torch.arange(len(self.feature_names), dtype=torch.int64)
+        return {"hash_salts": hash_salt(features, self.options.seed, 0).to(device),
+                "hash_rows": torch.tensor(self.rows, dtype=torch.int64, device=device),
+                "hash_wrap": torch.tensor(wrap_of(self.rows), dtype=torch.int64, device=device)}
+
+    def expand(self, features: KeyedJaggedTensor, buffers: Mapping[str, torch.Tensor],
+               stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, Aux]:
+        features = self.select_features(features)
+        values = features.values().to(torch.int64)
+        feature_of_value, _ = feature_of_values(features.lengths(), len(self.feature_names), values.numel())
+        rows = buffers["hash_rows"][feature_of_value]
+        if self.options.hash == "identity":
+            mapped = torch.remainder(values, rows)
+        else:
+            h = mix64(values ^ buffers["hash_salts"][feature_of_value])
+            mapped = unsigned_mod_rows(h, rows, buffers["hash_wrap"][feature_of_value])
+        kjt = KeyedJaggedTensor(keys=self.feature_names, values=mapped, lengths=features.lengths(),
+                                stride=features.stride())
+        return kjt, None
+
+
+class HashedEmbeddingBagCollection(RemappedEmbeddingBagCollection):
+    """The hashing trick; drop-in for an EmbeddingBagCollection (KJT of raw int64 ids in)."""
+
+    layout: HashLayout
+
+    def __init__(self, ctx: SparseArchContext, options: HashOptions, table_prefix: str = "hash") -> None:
+        super().__init__(HashLayout(ctx, options, table_prefix), ctx.device,
+                         [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+
+
+def build(ctx: SparseArchContext, options: HashOptions) -> nn.Module:
+    return HashedEmbeddingBagCollection(ctx, options)
+
+
+def sharders(options: HashOptions) -> List[ModuleSharder[nn.Module]]:
+    from sharding.hashing_trick import HashedEmbeddingBagCollectionSharder
+
+    return [HashedEmbeddingBagCollectionSharder()]
+
+
+def default_constraints(module: nn.Module, options: HashOptions, topology: TopologyInfo
+                        ) -> Dict[str, ParameterConstraints]:
+    return row_wise_constraints(module, topology)
+
+
+def memory(module: nn.Module, ctx: SparseArchContext, options: HashOptions, sparse_optimizer: str) -> MemoryReport:
+    return remapped_memory(module, ctx, sparse_optimizer)
+
+
+SPEC = registry.register(
+    SparseArchSpec(
+        name="hash",
+        options_type=HashOptions,
+        build=build,
+        sharders=sharders,
+        default_constraints=default_constraints,
+        memory=memory,
+        ids="raw",
+        description="hashing trick: raw ids hashed into a smaller table per feature",
+    )
+)

@@ -1,0 +1,176 @@
+"""``lma``: locality-sensitive-hashing memory allocation (Desai et al., arXiv 2103.06124), in chunks.
+
+Memory: the chunk table of ``embeddings.robe`` (one ``[rows, Z]`` array shared by all features, or one per
+feature group, looked up by fbgemm TBE and sharded row-wise). Addresses: chunk ``c`` of value ``(f, x)``
+lives at the row derived from K minhashes of the value's semantic set - the sampled training rows it
+occurs in - mixed with ``c`` and the seed (``embeddings.lma_minhash``), so values that co-occur share
+memory with probability ~Jaccard**K and others collide only at random (~1/rows).
+
+The minhash signatures come from an index artifact (``embeddings.lma_index``) built by
+``compactrec lma-index CONFIG`` (``trainer.lma_index``) and named by ``embeddings.options.index_path``. At
+build the module checks the artifact against the config (format version, seed, K, chunks, features) and
+derives each indexed value's C int32 rows for the configured memory size; it keeps them with the sorted
+value keys as replicated buffers - ``V * (8 + 4 C)`` bytes, counted in the memory report - and looks ids up
+with a binary search. **Fallback**: a value not in the index (never sampled, or below ``min_count``) gets
+ROBE's random addresses ``hash_to_range(x, f, seed, c, rows)``, so any int64 id works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder
+
+from embeddings import registry
+from embeddings.chunked import (
+    RemappedEmbeddingBagCollection,
+    check_int,
+    remapped_memory,
+    row_wise_constraints,
+    where,
+    wrap_of,
+)
+from embeddings.hashing import mix64
+from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
+from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts
+from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
+from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+
+MAX_ROWS = (1 << 31) - 1  # rows are kept as int32
+
+
+@dataclass
+class LmaOptions(ChunkedOptions):
+    """LMA options: the chunk-table options (``memory_fraction``/``num_rows``, ``chunk_size``,
+    ``feature_groups``, ``pooling``, ``seed``; see ``embeddings.robe.ChunkedOptions``) plus:
+
+    - ``num_hashes`` (K): minhashes per chunk; two values share a chunk with probability ~Jaccard**K.
+    - ``index_path``: the artifact of ``compactrec lma-index`` (required to build the module).
+    - ``sample_rows``: training rows the index samples (the paper's 125,000), capped by the data size.
+    - ``min_count``: index only values occurring in at least this many sampled rows (the rest use the
+      random fallback; a larger value shrinks the dictionary counted in the memory report).
+    """
+
+    num_hashes: int = 2
+    index_path: Optional[str] = None
+    sample_rows: int = 125_000
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_hashes", self.num_hashes, 1, 64)
+        check_int("sample_rows", self.sample_rows, 1, MAX_ROWS)
+        check_int("min_count", self.min_count, 1)
+        if self.index_path is not None and (not isinstance(self.index_path, str) or not self.index_path):
+            raise ValueError(f"{where('index_path')} must be a non-empty path or null, got {self.index_path!r}")
+        if self.num_rows is not None and self.num_rows > MAX_ROWS:
+            raise ValueError(f"{where('num_rows')} must be <= {MAX_ROWS} (rows are kept as int32), got {self.num_rows}")
+
+
+class MinhashChunkAddresser(ChunkAddresser):
+    """Indexed values: rows from their minhash signatures; others: ROBE's random rows."""
+
+    def __init__(self, path: str, header: IndexHeader, num_hashes: int, seed: int) -> None:
+        self.path = path
+        self.header = header
+        self.num_hashes = num_hashes
+        self.seed = seed
+        self.fallback = RandomChunkAddresser(seed)
+        self._rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def index_rows(self, layout: ChunkLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sorted keys [V] int64, rows [V, C] int32) for ``layout``'s memory size, on CPU (computed once)."""
+        if self._rows is None:
+            index = load_index(self.path)
+            check_header(index.header, self.path, seed=self.seed, num_chunks=layout.num_chunks,
+                         num_hashes=self.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
+            features = torch.from_numpy(index.features.astype("int64"))
+            rows = torch.tensor(layout.feature_rows(), dtype=torch.int64)[features]
+            wrap = torch.tensor(wrap_of(layout.feature_rows()), dtype=torch.int64)[features]
+            addresses = chunk_addresses(torch.from_numpy(index.signatures), self.num_hashes, self.seed, rows, wrap)
+            self._rows = (torch.from_numpy(index.keys), addresses.to(torch.int32))
+        return self._rows
+
+    def buffers(self, layout: ChunkLayout, device: torch.device) -> Dict[str, torch.Tensor]:
+        out = self.fallback.buffers(layout, device)
+        out["lma_key_salts"] = key_salts(len(layout.feature_names)).to(device)
+        if device.type == "meta":  # planning: shapes from the header, nothing read
+            count = self.header.values_covered
+            out["lma_index_keys"] = torch.empty(count, dtype=torch.int64, device=device)
+            out["lma_index_rows"] = torch.empty(count, layout.num_chunks, dtype=torch.int32, device=device)
+        else:
+            keys, rows = self.index_rows(layout)
+            out["lma_index_keys"], out["lma_index_rows"] = keys.to(device), rows.to(device)
+        return out
+
+    def rows(self, layout: ChunkLayout, values: torch.Tensor, feature_of_value: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        random_rows = self.fallback.rows(layout, values, feature_of_value, buffers)
+        index_keys = buffers["lma_index_keys"]
+        count = index_keys.numel()
+        if count == 0:
+            return random_rows
+        keys = mix64(values ^ buffers["lma_key_salts"][feature_of_value])
+        position = torch.searchsorted(index_keys, keys).clamp_(max=count - 1)
+        found = index_keys[position] == keys
+        return torch.where(found[:, None], buffers["lma_index_rows"][position].to(torch.int64), random_rows)
+
+
+class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
+    """LMA with chunks; drop-in for an EmbeddingBagCollection (KJT of raw int64 ids in)."""
+
+    layout: ChunkLayout
+
+    def __init__(self, ctx: SparseArchContext, options: LmaOptions, table_prefix: str = "lma") -> None:
+        if options.index_path is None:
+            raise ValueError(f"{where('index_path')} is not set: LMA needs the minhash index of the training data; "
+                             f"build it with `{BUILD_COMMAND}` and set {where('index_path')} to its path")
+        layout = ChunkLayout(ctx, options, table_prefix, method="lma")
+        too_big = [r for r in layout.rows_per_group if r > MAX_ROWS]
+        if too_big:
+            raise ValueError(f"LMA tables of {too_big} rows exceed {MAX_ROWS} (rows are kept as int32); lower "
+                             f"{where('memory_fraction')} or raise {where('chunk_size')}")
+        header = read_header(options.index_path)
+        check_header(header, options.index_path, seed=options.seed, num_chunks=layout.num_chunks,
+                     num_hashes=options.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
+        layout.addresser = MinhashChunkAddresser(options.index_path, header, options.num_hashes, options.seed)
+        super().__init__(layout, ctx.device, [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+
+
+def build(ctx: SparseArchContext, options: LmaOptions) -> nn.Module:
+    return LmaEmbeddingBagCollection(ctx, options)
+
+
+def sharders(options: LmaOptions) -> List[ModuleSharder[nn.Module]]:
+    from sharding.lma import LmaEmbeddingBagCollectionSharder
+
+    return [LmaEmbeddingBagCollectionSharder()]
+
+
+def default_constraints(module: nn.Module, options: LmaOptions, topology: TopologyInfo
+                        ) -> Dict[str, ParameterConstraints]:
+    """The shared array(s) row_wise (table_row_wise on several nodes) on the fused TBE kernel."""
+    return row_wise_constraints(module, topology)
+
+
+def memory(module: nn.Module, ctx: SparseArchContext, options: LmaOptions, sparse_optimizer: str) -> MemoryReport:
+    """The array(s), the dictionary (keys + per-chunk rows) and the hash salts, byte for byte."""
+    return remapped_memory(module, ctx, sparse_optimizer)
+
+
+SPEC = registry.register(
+    SparseArchSpec(
+        name="lma",
+        options_type=LmaOptions,
+        build=build,
+        sharders=sharders,
+        default_constraints=default_constraints,
+        memory=memory,
+        ids="raw",
+        description="LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
+    )
+)

@@ -1,0 +1,220 @@
+"""``qr``: the quotient-remainder trick (Shi et al., KDD 2020), element-wise product, per id.
+
+Raw id ``x`` of feature ``f`` is first mapped into the feature's full table, ``y = hash_to_range(x, f, seed,
+0, n_f)`` (``hash: identity``: ``y = x mod n_f``, the MLPerf v1 capping), then
+``e(f, x) = W_q[f][y div c] * W_r[f][y mod c]`` (element-wise), with ``c = num_collisions``: a quotient
+table of ``ceil(n_f / c)`` rows and a remainder table of ``c`` rows per feature (facebookresearch/dlrm's
+``QREmbeddingBag`` sizes). A bag pools ``e`` over its ids (SUM or MEAN): the product is taken per id
+*before* pooling, which is the method's definition for multi-hot bags (the DLRM reference multiplies the
+pooled bags instead; identical only for one-hot).
+
+A pooled EBC lookup cannot take a product per id, so every id is looked up as a bag of its own: the
+inner KJT has two keys, ``qr_quotient_ids`` and ``qr_remainder_ids``, with stride ``N`` (the number of raw
+ids in the batch) and every length 1; all features' quotient tables are stacked in one table
+``qr_quotient`` (row offset per feature) and all remainder tables in ``qr_remainder``. ``finish`` multiplies
+the two ``[N, dim]`` outputs and pools them into bags with ``index_add``. Cost against a pooled lookup: the
+TBE output and the output all-to-all / reduce-scatter carry ``2 * N`` rows instead of ``F * B`` (equal for
+one-hot data, ``2 * pooling factor`` times more for multi-hot), plus one ``[N, dim]`` product and scatter.
+Ranks may hold different ``N``; the sharded module pads every rank's inner KJT with empty bags to the
+largest ``N`` (one scalar all-reduce per batch and a host sync), since the row-wise output dist's backward
+with unequal batches per rank is an uneven all-gather that gloo does not implement.
+
+``remainder_init``: "ones" (default) starts ``e`` as the quotient row, i.e. as the hashing trick into
+``n_f / c`` rows, at a full table's scale; "uniform" gives both tables U(+-sqrt(1/rows)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from embeddings import registry
+from embeddings.chunked import (
+    POOLINGS,
+    Aux,
+    RemapLayout,
+    RemappedEmbeddingBagCollection,
+    check_choice,
+    check_int,
+    feature_of_values,
+    pooling_type,
+    remapped_memory,
+    row_wise_constraints,
+    uniform_init,
+    unsigned_mod_rows,
+    wrap_of,
+)
+from embeddings.hashing import hash_salt, mix64
+from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+
+
+@dataclass
+class QrOptions:
+    """QR-trick options.
+
+    - ``num_collisions`` (c): rows of each remainder table; each quotient row is shared by c ids.
+    - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag.
+    - ``seed``: seed of the hash into the full table, in [0, 2**63).
+    - ``hash``: "mix" (pinned hash into [0, n_f)) or "identity" (``id mod n_f``).
+    - ``remainder_init``: "ones" or "uniform" (see the module docstring).
+    """
+
+    num_collisions: int = 4
+    pooling: str = "sum"
+    seed: int = 0
+    hash: str = "mix"
+    remainder_init: str = "ones"
+
+    def __post_init__(self) -> None:
+        check_int("num_collisions", self.num_collisions, 1)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_int("seed", self.seed, 0, (1 << 63) - 1)
+        check_choice("hash", self.hash, ("mix", "identity"))
+        check_choice("remainder_init", self.remainder_init, ("ones", "uniform"))
+
+
+class QrLayout(RemapLayout):
+    """Stacked quotient and remainder tables, looked up per id (see the module docstring)."""
+
+    method = "qr"
+
+    def __init__(self, ctx: SparseArchContext, options: QrOptions, table_prefix: str = "qr") -> None:
+        super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
+        self.options = options
+        c = options.num_collisions
+        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
+        self.quotient_rows = [math.ceil(n / c) for n in self.full_rows]
+        self.quotient_offsets = [sum(self.quotient_rows[:i]) for i in range(len(self.full_rows))]
+        self.quotient_key = f"{table_prefix}_quotient_ids"
+        self.remainder_key = f"{table_prefix}_remainder_ids"
+
+    @property
+    def quotient_table(self) -> str:
+        return f"{self.table_prefix}_quotient"
+
+    @property
+    def remainder_table(self) -> str:
+        return f"{self.table_prefix}_remainder"
+
+    def inner_configs(self) -> List[EmbeddingBagConfig]:
+        q_rows = sum(self.quotient_rows)
+        r_rows = len(self.feature_names) * self.options.num_collisions
+        r_init = uniform_init(r_rows) if self.options.remainder_init == "uniform" else torch.nn.init.ones_
+        return [
+            EmbeddingBagConfig(name=self.quotient_table, embedding_dim=self.embedding_dim, num_embeddings=q_rows,
+                               feature_names=[self.quotient_key], pooling=PoolingType.SUM, init_fn=uniform_init(q_rows)),
+            EmbeddingBagConfig(name=self.remainder_table, embedding_dim=self.embedding_dim, num_embeddings=r_rows,
+                               feature_names=[self.remainder_key], pooling=PoolingType.SUM, init_fn=r_init),
+        ]
+
+    def logical_configs(self) -> List[EmbeddingBagConfig]:
+        rows = sum(self.quotient_rows) + len(self.feature_names) * self.options.num_collisions
+        return [EmbeddingBagConfig(name=self.table_prefix, embedding_dim=self.embedding_dim, num_embeddings=rows,
+                                   feature_names=list(self.feature_names), pooling=pooling_type(self.options.pooling))]
+
+    def planner_pooling_factors(self, pooling_factors: Sequence[float]) -> Dict[str, List[float]]:
+        per_sample = float(sum(pooling_factors))  # one single-id bag per raw id of the sample
+        return {self.quotient_table: [per_sample], self.remainder_table: [per_sample]}
+
+    def buffers(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        features = torch.arange(len(self.feature_names), dtype=torch.int64)
+        c = self.options.num_collisions
+        return {"qr_salts": hash_salt(features, self.options.seed, 0).to(device),
+                "qr_full_rows": torch.tensor(self.full_rows, dtype=torch.int64, device=device),
+                "qr_wrap": torch.tensor(wrap_of(self.full_rows), dtype=torch.int64, device=device),
+                "qr_quotient_offsets": torch.tensor(self.quotient_offsets, dtype=torch.int64, device=device),
+                "qr_remainder_offsets": (features * c).to(device)}
+
+    def expand(self, features: KeyedJaggedTensor, buffers: Mapping[str, torch.Tensor],
+               stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, Aux]:
+        features = self.select_features(features)
+        values = features.values().to(torch.int64)
+        lengths = features.lengths()
+        n = values.numel()
+        feature_of_value, _ = feature_of_values(lengths, len(self.feature_names), n)
+        full = buffers["qr_full_rows"][feature_of_value]
+        if self.options.hash == "identity":
+            y = torch.remainder(values, full)
+        else:
+            y = unsigned_mod_rows(mix64(values ^ buffers["qr_salts"][feature_of_value]), full,
+                                  buffers["qr_wrap"][feature_of_value])
+        c = self.options.num_collisions
+        quotient = torch.div(y, c, rounding_mode="floor") + buffers["qr_quotient_offsets"][feature_of_value]
+        remainder = torch.remainder(y, c) + buffers["qr_remainder_offsets"][feature_of_value]
+        # every id a bag of its own; padded with empty bags up to ``stride`` (at least 1: KJTs need one)
+        stride = max(1, n, stride or 0)
+        one_key = torch.zeros(stride, dtype=lengths.dtype, device=lengths.device)
+        one_key[:n] = 1
+        kjt = KeyedJaggedTensor(keys=[self.quotient_key, self.remainder_key], values=torch.cat([quotient, remainder]),
+                                lengths=torch.cat([one_key, one_key]), stride=stride)
+        bags = torch.arange(lengths.numel(), dtype=torch.int64, device=lengths.device)
+        aux = {"bag_of_id": torch.repeat_interleave(bags, lengths.to(torch.int64), output_size=n),
+               "bag_sizes": lengths.to(torch.float32)}
+        return kjt, aux
+
+    def local_stride(self, features: KeyedJaggedTensor) -> Optional[int]:
+        return max(1, self.select_features(features).values().numel())
+
+    def finish(self, kt: KeyedTensor, aux: Aux) -> KeyedTensor:
+        assert aux is not None, "expand must run before finish"
+        # [N, dim]: the product per id, before pooling (the slice drops the padding bags)
+        per_id = (kt[self.quotient_key] * kt[self.remainder_key])[: aux["bag_of_id"].numel()]
+        bag_sizes = aux["bag_sizes"]
+        pooled = torch.zeros(bag_sizes.numel(), self.embedding_dim, dtype=per_id.dtype, device=per_id.device)
+        pooled = pooled.index_add(0, aux["bag_of_id"], per_id)
+        if self.options.pooling == "mean":
+            pooled = pooled / bag_sizes.clamp(min=1.0)[:, None]
+        num_features = len(self.feature_names)
+        values = pooled.view(num_features, -1, self.embedding_dim).transpose(0, 1).reshape(-1, num_features * self.embedding_dim)
+        return KeyedTensor(keys=self.feature_names, length_per_key=[self.embedding_dim] * num_features, values=values)
+
+
+class QREmbeddingBagCollection(RemappedEmbeddingBagCollection):
+    """QR trick; drop-in for an EmbeddingBagCollection (KJT of raw int64 ids in)."""
+
+    layout: QrLayout
+
+    def __init__(self, ctx: SparseArchContext, options: QrOptions, table_prefix: str = "qr") -> None:
+        super().__init__(QrLayout(ctx, options, table_prefix), ctx.device,
+                         [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+
+
+def build(ctx: SparseArchContext, options: QrOptions) -> nn.Module:
+    return QREmbeddingBagCollection(ctx, options)
+
+
+def sharders(options: QrOptions) -> List[ModuleSharder[nn.Module]]:
+    from sharding.qr import QREmbeddingBagCollectionSharder
+
+    return [QREmbeddingBagCollectionSharder()]
+
+
+def default_constraints(module: nn.Module, options: QrOptions, topology: TopologyInfo
+                        ) -> Dict[str, ParameterConstraints]:
+    return row_wise_constraints(module, topology)
+
+
+def memory(module: nn.Module, ctx: SparseArchContext, options: QrOptions, sparse_optimizer: str) -> MemoryReport:
+    return remapped_memory(module, ctx, sparse_optimizer)
+
+
+SPEC = registry.register(
+    SparseArchSpec(
+        name="qr",
+        options_type=QrOptions,
+        build=build,
+        sharders=sharders,
+        default_constraints=default_constraints,
+        memory=memory,
+        ids="raw",
+        description="quotient-remainder trick: W_q[y div c] * W_r[y mod c] per id (Shi et al. 2020)",
+    )
+)

@@ -1,0 +1,305 @@
+"""``robe``: ROBE-Z random chunk allocation (Desai et al., MLSys 2022), and the chunk table LMA shares.
+
+One shared array of ``M`` floats per feature group, stored as a ``[M / Z, Z]`` table (a TorchRec table that
+fbgemm's TBE looks up and TorchRec shards row-wise). An id's ``dim``-wide embedding is ``C = dim / Z`` chunks
+of ``Z`` contiguous floats; chunk ``c`` of raw id ``x`` of feature ``f`` is row ``A(f, x, c)`` of the table.
+
+:class:`ChunkLayout` looks the chunks up as ``C`` inner features per original feature, ``<feature>__c<c>``,
+all on the group's table and pooled like the original feature (SUM or MEAN): the pooled chunk ``c`` of a
+bag is the pooled ``c``-th slice of its ids' embeddings, because every id adds exactly one lookup to every
+chunk feature. The ``C`` pooled chunks, concatenated, give one ``dim``-wide vector per original feature.
+
+Addresses (:class:`ChunkAddresser`):
+
+- ``mix`` (ROBE-Z, :class:`RandomChunkAddresser`):
+  ``A(f, x, c) = hash_to_range(x, f, seed, c, rows_g)`` (``embeddings.hashing``, ``f`` = feature index):
+  the chunk index is mixed in, so the chunks of one id land independently.
+- ``identity`` (:class:`IdentityChunkAddresser`): ``A(f, x, c) = (offset_f + x mod n_f) * C + c`` with
+  ``offset_f`` the full-table rows of the group's earlier features: the full tables laid out chunk by chunk.
+  Needs ``rows_g >= C * sum(n_f)``; the module is then exactly an EmbeddingBagCollection over ids mod n_f.
+- ``embeddings.lma`` supplies minhash addresses for indexed values, with ``mix`` as the fallback.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from embeddings import registry
+from embeddings.chunked import (
+    POOLINGS,
+    Aux,
+    FeatureGroups,
+    RemapLayout,
+    RemappedEmbeddingBagCollection,
+    check_choice,
+    check_int,
+    check_memory,
+    feature_of_values,
+    group_rows,
+    pooling_type,
+    remapped_memory,
+    row_wise_constraints,
+    uniform_init,
+    unsigned_mod_rows,
+    where,
+    wrap_of,
+)
+from embeddings.hashing import hash_salt, mix64
+from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+
+
+@dataclass
+class ChunkedOptions:
+    """Options shared by the chunk-table methods (``robe``, ``lma``).
+
+    - ``memory_fraction``: floats of the shared array(s) / floats of the full tables (default 1/16 when
+      ``num_rows`` is null too); per group, of that group's full tables.
+    - ``num_rows``: explicit rows of ``Z`` floats of the array (split over groups by full-table size).
+    - ``chunk_size`` (Z): floats per chunk, dividing ``model.embedding_dim``; null = the whole embedding
+      (one chunk per id). Sharded (fused TBE) tables need a multiple of 4; ``1`` is the element-level
+      (HashedNets-style) reference path for single-process use.
+    - ``feature_groups``: null = one array for all features (the papers' setting); else a list of lists of
+      feature names, each group with its own array (every feature in exactly one group).
+    - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag (an empty bag gives zeros).
+    - ``seed``: hash seed in [0, 2**63).
+    """
+
+    memory_fraction: Optional[float] = None
+    num_rows: Optional[int] = None
+    chunk_size: Optional[int] = None
+    feature_groups: Optional[List[List[str]]] = None
+    pooling: str = "sum"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_memory(self.memory_fraction, self.num_rows)
+        if self.chunk_size is not None:
+            check_int("chunk_size", self.chunk_size, 1)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_int("seed", self.seed, 0, (1 << 63) - 1)
+
+
+@dataclass
+class RobeOptions(ChunkedOptions):
+    """ROBE-Z options: :class:`ChunkedOptions` plus ``hash``, "mix" (random chunks) or "identity" (see the
+    module docstring; the degenerate setting parity tests pin)."""
+
+    hash: str = "mix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("hash", self.hash, ("mix", "identity"))
+
+
+class ChunkAddresser(abc.ABC):
+    """Where the chunks of each id live: ``rows(...)`` -> ``[n, C]`` int64 rows of the group tables."""
+
+    @abc.abstractmethod
+    def buffers(self, layout: "ChunkLayout", device: torch.device) -> Dict[str, torch.Tensor]:
+        """The buffers ``rows`` reads (replicated, non-persistent)."""
+
+    @abc.abstractmethod
+    def rows(self, layout: "ChunkLayout", values: torch.Tensor, feature_of_value: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Rows of every chunk of every raw id."""
+
+
+class RandomChunkAddresser(ChunkAddresser):
+    """ROBE-Z: ``A(f, x, c) = hash_to_range(x, f, seed, c, rows_g)``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def buffers(self, layout: "ChunkLayout", device: torch.device) -> Dict[str, torch.Tensor]:
+        features = torch.arange(len(layout.feature_names), dtype=torch.int64)[:, None]
+        chunks = torch.arange(layout.num_chunks, dtype=torch.int64)[None, :]
+        return {"chunk_salts": hash_salt(features, self.seed, chunks).to(device)}
+
+    def rows(self, layout: "ChunkLayout", values: torch.Tensor, feature_of_value: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        h = mix64(values[:, None] ^ buffers["chunk_salts"][feature_of_value])
+        return unsigned_mod_rows(h, buffers["chunk_rows"][feature_of_value][:, None],
+                                 buffers["chunk_wrap"][feature_of_value][:, None])
+
+
+class IdentityChunkAddresser(ChunkAddresser):
+    """``A(f, x, c) = (offset_f + x mod n_f) * C + c``: no sharing, the full tables chunk by chunk."""
+
+    def __init__(self, layout_rows: Sequence[int], full_rows: Sequence[int], groups: FeatureGroups,
+                 num_chunks: int) -> None:
+        offsets: List[int] = []
+        used = [0] * len(groups.groups)
+        for n, g in zip(full_rows, groups.group_of_feature):
+            offsets.append(used[g])
+            used[g] += int(n)
+        for g, rows in enumerate(layout_rows):
+            if rows < used[g] * num_chunks:
+                raise ValueError(f"{where('hash')} 'identity' needs at least {used[g] * num_chunks} rows in group {g} "
+                                 f"(its full tables, chunk by chunk), got {rows}; raise {where('num_rows')} or "
+                                 f"{where('memory_fraction')}")
+        self.offsets = offsets
+        self.full_rows = [int(n) for n in full_rows]
+
+    def buffers(self, layout: "ChunkLayout", device: torch.device) -> Dict[str, torch.Tensor]:
+        return {"identity_offsets": torch.tensor(self.offsets, dtype=torch.int64, device=device),
+                "identity_sizes": torch.tensor(self.full_rows, dtype=torch.int64, device=device)}
+
+    def rows(self, layout: "ChunkLayout", values: torch.Tensor, feature_of_value: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        local = torch.remainder(values, buffers["identity_sizes"][feature_of_value])
+        base = (buffers["identity_offsets"][feature_of_value] + local) * layout.num_chunks
+        chunks = torch.arange(layout.num_chunks, dtype=torch.int64, device=values.device)
+        return base[:, None] + chunks[None, :]
+
+
+class ChunkLayout(RemapLayout):
+    """The chunk tables: ``C`` inner features ``<feature>__c<c>`` per feature on its group's ``[rows, Z]`` table."""
+
+    def __init__(self, ctx: SparseArchContext, options: ChunkedOptions, table_prefix: str, method: str) -> None:
+        super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
+        self.method = method
+        dim = ctx.embedding_dim
+        self.chunk_size = dim if options.chunk_size is None else options.chunk_size
+        if dim % self.chunk_size:
+            raise ValueError(f"{where('chunk_size')}={self.chunk_size} must divide model.embedding_dim={dim}")
+        self.num_chunks = dim // self.chunk_size
+        self.options = options
+        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
+        self.groups = FeatureGroups.resolve(self.feature_names, options.feature_groups)
+        self.rows_per_group = group_rows(self.groups, self.full_rows, dim, self.chunk_size,
+                                         options.memory_fraction, options.num_rows)
+        self.inner_keys = [self.chunk_feature(f, c) for f in self.feature_names for c in range(self.num_chunks)]
+        self.addresser: ChunkAddresser = RandomChunkAddresser(options.seed)
+
+    @staticmethod
+    def chunk_feature(feature: str, chunk: int) -> str:
+        return f"{feature}__c{chunk}"
+
+    def table_name(self, group: int) -> str:
+        return f"{self.table_prefix}_memory" if len(self.groups.groups) == 1 else f"{self.table_prefix}_memory_{group}"
+
+    def feature_rows(self) -> List[int]:
+        """Rows of each feature's group table."""
+        return [self.rows_per_group[g] for g in self.groups.group_of_feature]
+
+    def inner_configs(self) -> List[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(
+                name=self.table_name(g), embedding_dim=self.chunk_size, num_embeddings=rows,
+                feature_names=[self.chunk_feature(f, c) for f in group for c in range(self.num_chunks)],
+                pooling=pooling_type(self.options.pooling), init_fn=uniform_init(rows),
+            )
+            for g, (group, rows) in enumerate(zip(self.groups.groups, self.rows_per_group))
+        ]
+
+    def logical_configs(self) -> List[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name=self.table_name(g), embedding_dim=self.embedding_dim, num_embeddings=rows,
+                               feature_names=list(group), pooling=pooling_type(self.options.pooling))
+            for g, (group, rows) in enumerate(zip(self.groups.groups, self.rows_per_group))
+        ]
+
+    def planner_pooling_factors(self, pooling_factors: Sequence[float]) -> Dict[str, List[float]]:
+        pf = dict(zip(self.feature_names, pooling_factors))
+        return {self.table_name(g): [float(pf[f]) for f in group for _ in range(self.num_chunks)]
+                for g, group in enumerate(self.groups.groups)}
+
+    def buffers(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        rows = self.feature_rows()
+        out = {"chunk_rows": torch.tensor(rows, dtype=torch.int64, device=device),
+               "chunk_wrap": torch.tensor(wrap_of(rows), dtype=torch.int64, device=device)}
+        out.update(self.addresser.buffers(self, device))
+        return out
+
+    def expand(self, features: KeyedJaggedTensor, buffers: Mapping[str, torch.Tensor],
+               stride: Optional[int] = None) -> Tuple[KeyedJaggedTensor, Aux]:
+        features = self.select_features(features)
+        num_features, batch, chunks = len(self.feature_names), features.stride(), self.num_chunks
+        values = features.values().to(torch.int64)
+        lengths = features.lengths()
+        n = values.numel()
+        feature_of_value, per_feature = feature_of_values(lengths, num_features, n)
+        rows = self.addresser.rows(self, values, feature_of_value, buffers)  # [n, C]
+        # feature-major, then chunk-major: chunk c of value i of feature f goes to
+        # C * start_f + c * n_f + (i - start_f)
+        starts = torch.cumsum(per_feature, 0) - per_feature
+        first = starts[feature_of_value]
+        position = torch.arange(n, dtype=torch.int64, device=values.device) - first
+        chunk = torch.arange(chunks, dtype=torch.int64, device=values.device)[None, :]
+        target = (chunks * first + position)[:, None] + chunk * per_feature[feature_of_value][:, None]
+        out = torch.empty(n * chunks, dtype=torch.int64, device=values.device)
+        out[target.reshape(-1)] = rows.reshape(-1)
+        kjt = KeyedJaggedTensor(
+            keys=self.inner_keys, values=out, stride=batch,
+            lengths=lengths.view(num_features, 1, batch).expand(num_features, chunks, batch).reshape(-1),
+        )
+        return kjt, None
+
+    def finish(self, kt: KeyedTensor, aux: Aux) -> KeyedTensor:
+        values = kt.values()
+        keys = kt.keys()
+        if keys != self.inner_keys:  # a sharded EBC orders its output by sharding group
+            values = values.index_select(1, self._column_order(keys, values.device))
+        return KeyedTensor(keys=self.feature_names, length_per_key=[self.embedding_dim] * len(self.feature_names),
+                           values=values)
+
+    def _column_order(self, keys: List[str], device: torch.device) -> torch.Tensor:
+        position = {k: i for i, k in enumerate(keys)}
+        z = self.chunk_size
+        columns = [position[k] * z + j for k in self.inner_keys for j in range(z)]
+        return self.cached("columns", columns, device)
+
+
+class RobeEmbeddingBagCollection(RemappedEmbeddingBagCollection):
+    """ROBE-Z: random chunk allocation into a shared array; drop-in for an EmbeddingBagCollection."""
+
+    layout: ChunkLayout
+
+    def __init__(self, ctx: SparseArchContext, options: RobeOptions, table_prefix: str = "robe") -> None:
+        layout = ChunkLayout(ctx, options, table_prefix, method="robe")
+        if options.hash == "identity":
+            layout.addresser = IdentityChunkAddresser(layout.rows_per_group, layout.full_rows, layout.groups,
+                                                      layout.num_chunks)
+        super().__init__(layout, ctx.device, [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+
+
+def build(ctx: SparseArchContext, options: RobeOptions) -> nn.Module:
+    return RobeEmbeddingBagCollection(ctx, options)
+
+
+def sharders(options: RobeOptions) -> List[ModuleSharder[nn.Module]]:
+    from sharding.robe import RobeEmbeddingBagCollectionSharder
+
+    return [RobeEmbeddingBagCollectionSharder()]
+
+
+def default_constraints(module: nn.Module, options: RobeOptions, topology: TopologyInfo
+                        ) -> Dict[str, ParameterConstraints]:
+    return row_wise_constraints(module, topology)
+
+
+def memory(module: nn.Module, ctx: SparseArchContext, options: RobeOptions, sparse_optimizer: str) -> MemoryReport:
+    return remapped_memory(module, ctx, sparse_optimizer)
+
+
+SPEC = registry.register(
+    SparseArchSpec(
+        name="robe",
+        options_type=RobeOptions,
+        build=build,
+        sharders=sharders,
+        default_constraints=default_constraints,
+        memory=memory,
+        ids="raw",
+        description="ROBE-Z: random chunks of Z floats in one shared array (LMA without semantics)",
+    )
+)

@@ -1,0 +1,16 @@
+"""Sharder of ``embeddings.robe.RobeEmbeddingBagCollection`` (see ``sharding.chunked`` for the sharded module)."""
+
+from __future__ import annotations
+
+from typing import Type
+
+from embeddings.robe import RobeEmbeddingBagCollection
+from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+
+
+class RobeEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
+    """ROBE-Z: the shared ``[rows, Z]`` array(s) row-wise on the fused TBE kernel."""
+
+    @property
+    def module_type(self) -> Type[RobeEmbeddingBagCollection]:  # type: ignore[override]
+        return RobeEmbeddingBagCollection
