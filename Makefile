@@ -36,13 +36,16 @@ $(VENV)/.installed-gpu: requirements/gpu.txt requirements/common.txt requirement
 # The main job: generate the built-in synthetic click log (once), then a 2-process torchx training job.
 train: setup
 	$(BIN)/compactrec generate small --out $(DATASET)
+	$(BIN)/compactrec prepare $(CONFIG) $(ARGS)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $(CONFIG) --nproc $(NPROC) $(ARGS)
 
 # Full tables vs the compressed methods on the same data, side by side (issue evidence, not a benchmark).
-COMPARE_CONFIGS ?= configs/default.yaml configs/memrec_small.yaml
+COMPARE_CONFIGS ?= configs/default.yaml configs/memrec_small.yaml configs/lma_small.yaml configs/robe_small.yaml \
+	configs/hash_small.yaml configs/qr_small.yaml
 compare: setup
 	$(BIN)/compactrec generate small --out $(DATASET)
-	for c in $(COMPARE_CONFIGS); do PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $$c --nproc $(NPROC) $(ARGS) || exit 1; done
+	for c in $(COMPARE_CONFIGS); do $(BIN)/compactrec prepare $$c && \
+		PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $$c --nproc $(NPROC) $(ARGS) || exit 1; done
 	$(BIN)/compactrec compare $(foreach c,$(COMPARE_CONFIGS),runs/$(basename $(notdir $(c))))
 
 # The whole test suite. pytest's exit code 5 (no tests collected) is a failure here, said plainly.

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("overrides", nargs="*")
     li.add_argument("--out", default=None, help="artifact path (default: embeddings.options.index_path)")
 
+    pr = sub.add_parser("prepare", help="build what the config's method needs before training (LMA index), once")
+    pr.add_argument("config")
+    pr.add_argument("overrides", nargs="*")
+
     cp = sub.add_parser("compare", help="side-by-side AUC, memory and speed of finished runs")
     cp.add_argument("run_dirs", nargs="+", help="run directories; the first is the reference (e.g. runs/default)")
 
@@ -130,6 +134,14 @@ def _cmd_lma_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.prepare import prepare
+
+    print(prepare(load_config(args.config, args.overrides)))
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from trainer.compare import compare_table
 
@@ -149,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command != "train":
         _setup_logging(0)
     commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "prepare": _cmd_prepare}
     try:
         return commands[args.command](args)
     except FileExistsError as exc:

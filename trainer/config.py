@@ -202,6 +202,15 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def __post_init__(self) -> None:
+        sizes = self.embeddings.num_embeddings_per_feature
+        if self.data.num_embeddings_per_feature is None and sizes is not None:
+            # multi-hot expansion reduces ids modulo the model's table sizes: one source of truth
+            self.data.num_embeddings_per_feature = list(sizes)
+        elif sizes is not None and list(self.data.num_embeddings_per_feature or []) != list(sizes):
+            raise ValueError("data.num_embeddings_per_feature differs from embeddings.num_embeddings_per_feature; "
+                             "set only embeddings.num_embeddings_per_feature")
+
 
 def _deep_merge(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
