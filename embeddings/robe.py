@@ -90,8 +90,11 @@ class ChunkedOptions:
 
 @dataclass
 class RobeOptions(ChunkedOptions):
-    """ROBE-Z options: :class:`ChunkedOptions` plus ``hash``, "mix" (random chunks) or "identity" (see the
-    module docstring; the degenerate setting parity tests pin)."""
+    """ROBE-Z options: :class:`ChunkedOptions` plus
+
+    - ``hash``: "mix" (random chunk addresses from the pinned hash) or "identity" (the full tables laid out
+      chunk by chunk; needs at least C x the group's summed table rows; the degenerate setting parity tests pin).
+    """
 
     hash: str = "mix"
 

@@ -138,3 +138,9 @@ def test_config_reference_doc_is_current() -> None:
     from trainer.config_doc import render
 
     assert (REPO / "docs" / "CONFIG.md").read_text() == render(), "run: python -m trainer.config_doc > docs/CONFIG.md"
+
+
+def test_embedding_options_doc_is_current() -> None:
+    from trainer.embeddings_doc import render
+
+    assert (REPO / "docs" / "EMBEDDINGS.md").read_text() == render(), "run: python -m trainer.embeddings_doc > docs/EMBEDDINGS.md"
