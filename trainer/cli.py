@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=None, help="launch N processes per node as a torchx local_cwd job")
     t.add_argument("--nnodes", type=int, default=1, help="with --nproc: number of (simulated) nodes")
     t.add_argument("--scheduler", default="local_cwd", help="with --nproc: torchx scheduler")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in training.run_dir (training.resume=true)")
 
     g = sub.add_parser("generate", help="write a synthetic Criteo-like click log")
     g.add_argument("preset", help="synthetic preset (tiny, small, medium, large, and *-control)")
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
+    if args.resume:
+        args.overrides = list(args.overrides) + ["training.resume=true"]
     config = load_config(args.config, args.overrides)
     if args.nproc is not None:
         from trainer.launcher import launch_local

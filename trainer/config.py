@@ -157,6 +157,9 @@ class TrainingConfig:
     target_auc: Optional[float] = None  # stop at the first validation AUC >= this (MLPerf DLRMv2: 0.80275)
     mlperf_log: bool = True  # rank 0 writes MLPerf-style :::MLLOG events to RUN_DIR/mlperf.log
     progress_bar: bool = True  # rank-0 tqdm bar; false logs a line every log_every steps instead
+    checkpoint_every: Optional[int] = None  # steps between sharded checkpoints in RUN_DIR/checkpoints (+ one at the end); null = none
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; older ones are deleted
+    resume: bool = False  # continue from the newest complete checkpoint in RUN_DIR (`compactrec train --resume`)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -171,6 +174,10 @@ class TrainingConfig:
             raise ValueError(f"target_auc must be in (0.5, 1) or null, got {self.target_auc}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive or null, got {self.checkpoint_every}")
+        if self.keep_checkpoints <= 0:
+            raise ValueError(f"keep_checkpoints must be positive, got {self.keep_checkpoints}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from embeddings.types import TopologyInfo
+from trainer import checkpoint
 from trainer.config import Config, save_config
 from trainer.data import loader
 from trainer.data.types import Batch
@@ -59,8 +60,10 @@ def build_sharded_model(config: Config, ctx: DistContext, info: DatasetInfo) -> 
     return dmp, arch
 
 
-def _batches(config: Config, split: str, ctx: DistContext, transform: Callable[[Batch], Batch]) -> Iterator[Batch]:
-    for batch in loader.make_batches(config.data, split, ctx.rank, ctx.world_size):
+def _batches(config: Config, split: str, ctx: DistContext, transform: Callable[[Batch], Batch],
+             skip: int = 0) -> Iterator[Batch]:
+    """The split's batches in order; ``skip`` drops the first ones (batches consumed before a resume)."""
+    for batch in itertools.islice(loader.make_batches(config.data, split, ctx.rank, ctx.world_size), skip, None):
         yield transform(batch)
 
 
@@ -84,6 +87,14 @@ def evaluate(pipeline: TrainPipelineSparseDist, model: Any, batches: Iterator[Ba
                 break
     model.train()
     return evaluator.compute()
+
+
+def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
+    """Whether any rank's loss is NaN/inf (collective, so every rank takes the same branch)."""
+    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag)
+    return bool(flag.item() > 0)
 
 
 def _train_steps(config: Config, ctx: DistContext) -> tuple[int, int]:
@@ -129,17 +140,30 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     mlperf.event("eval_samples", loader.count_rows(config.data, "val"))
     mlperf.start("run_start")
 
-    step, evals, reached = 0, [], False
+    every = config.training.checkpoint_every
+    resumed = checkpoint.TrainPosition()
+    if config.training.resume:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"training.resume: no complete checkpoint in {checkpoint.checkpoint_root(run_dir)}")
+        resumed = checkpoint.load_checkpoint(latest, model, optimizer, config, ctx)
+    step, evals, reached = resumed.step, resumed.evals, False
+    saved_at = step if config.training.resume else -1
     start = time.perf_counter()
     train_time = 0.0
-    for epoch in range(config.training.epochs):
-        epoch_steps = min(steps_per_epoch, total - step)
+    for epoch in range(resumed.epoch, config.training.epochs):
+        epoch_start = epoch * steps_per_epoch
+        epoch_steps = min(steps_per_epoch, total - epoch_start)
         if epoch_steps <= 0 or reached:
             break
+        skip = resumed.step_in_epoch if epoch == resumed.epoch else 0
+        if skip >= epoch_steps:
+            continue
         mlperf.start("epoch_start", metadata={"epoch_num": epoch + 1})
-        train_iter = _batches(config, "train", ctx, transform)
-        for seg_steps in _segments(epoch_steps, config.training.evals_per_epoch):
-            seg_iter = itertools.islice(train_iter, seg_steps)
+        train_iter = _batches(config, "train", ctx, transform, skip=skip)
+        eval_segments = _segments(epoch_steps, config.training.evals_per_epoch)
+        for segment in checkpoint.segment_plan(eval_segments, epoch_start, every, skip):
+            seg_iter = itertools.islice(train_iter, segment.steps)
             t0 = time.perf_counter()
             while True:
                 try:
@@ -147,23 +171,35 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
                 except StopIteration:
                     break
                 step += 1
-                if not math.isfinite(float(loss)):
-                    raise FloatingPointError(f"loss is {float(loss)} at step {step} (epoch {epoch})")
+                if _nonfinite_on_any_rank(loss):  # the update is already applied (fused optimizers): stop
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} (epoch {epoch}, train batch {step - epoch_start - 1} of the "
+                        f"epoch, rows from {(step - epoch_start - 1) * global_batch}; this rank's loss "
+                        f"{float(loss)}); no checkpoint written after it")
                 reporter.on_step(step, float(loss))
             train_time += time.perf_counter() - t0
-            epoch_fraction = step / steps_per_epoch
-            mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
-            metrics = evaluate(pipeline, model, _batches(config, "val", ctx, transform), ctx)
-            metrics.update(step=step, epoch=epoch_fraction)
-            mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
-            mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
-            evals.append(metrics)
-            reporter.on_eval("val", step, metrics)
+            if segment.evaluate:
+                epoch_fraction = step / steps_per_epoch
+                mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
+                metrics = evaluate(pipeline, model, _batches(config, "val", ctx, transform), ctx)
+                metrics.update(step=step, epoch=epoch_fraction)
+                mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
+                mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
+                evals.append(metrics)
+                reporter.on_eval("val", step, metrics)
+            if segment.checkpoint:  # the pipeline is drained here; after the evaluation so it is recorded
+                position = checkpoint.TrainPosition(epoch, step, step - epoch_start, evals)
+                checkpoint.save_checkpoint(run_dir, model, optimizer, position, config, ctx,
+                                           config.training.keep_checkpoints)
+                saved_at = step
             target = config.training.target_auc
-            if target is not None and metrics["auc"] >= target:
+            if segment.evaluate and target is not None and evals[-1]["auc"] >= target:
                 reached = True
                 break
         mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
+    if every is not None and saved_at != step:
+        final = checkpoint.TrainPosition(step // steps_per_epoch, step, step % steps_per_epoch, evals)
+        checkpoint.save_checkpoint(run_dir, model, optimizer, final, config, ctx, config.training.keep_checkpoints)
     status = "success" if config.training.target_auc is None or reached else "aborted"
     mlperf.end("run_stop", metadata={"status": status})
     samples = step * global_batch
@@ -171,7 +207,8 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "steps": step,
         "train_samples": samples,
         "train_seconds": train_time,
-        "samples_per_s": samples / max(train_time, 1e-9),
+        # this process's own steps over its own training time (a resumed run counts only what it trained)
+        "samples_per_s": (step - resumed.step) * global_batch / max(train_time, 1e-9),
         "wall_seconds": time.perf_counter() - start,
         "world_size": ctx.world_size,
         "global_batch": global_batch,
