@@ -9,7 +9,7 @@ CONFIG ?= configs/default.yaml
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup setup-gpu train compare test typecheck clean
+.PHONY: setup setup-gpu train compare test bench-setup bench typecheck clean
 
 setup: $(VENV)/.installed-cpu
 
@@ -53,6 +53,13 @@ test: setup
 	@PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest tests -q -ra --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - treating as failure"; exit 1; fi; \
 	exit $$rc
+
+# Benchmarks (not part of the tests): plotting needs matplotlib. See docs/RESULTS.md for the commands.
+bench-setup: setup
+	$(PY) -m pip install -q -r requirements/bench.txt
+
+bench: bench-setup
+	PYTHONPATH=. $(PY) benchmarks/embedding_stage.py --quick
 
 typecheck: setup
 	$(BIN)/mypy
