@@ -32,6 +32,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.checks import check_choice, check_int, check_layout_args, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
 from embeddings.types import (
     MemoryReport,
@@ -49,23 +50,6 @@ POOLINGS = ("sum", "mean")
 
 
 # ---- option checks (errors name embeddings.options.<field>) -------------------------------------------
-def where(name: str) -> str:
-    return f"embeddings.options.{name}"
-
-
-def check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where(name)} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{where(name)} must be {bound}, got {value}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where(name)} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 def check_memory(memory_fraction: Optional[float], num_rows: Optional[int]) -> None:
     """At most one of the two sizes; neither = :data:`DEFAULT_MEMORY_FRACTION`."""
     if memory_fraction is not None and num_rows is not None:
@@ -114,16 +98,7 @@ class RemapLayout(abc.ABC):
     method = "remap"
 
     def __init__(self, feature_names: Sequence[str], embedding_dim: int, table_prefix: str) -> None:
-        names = list(feature_names)
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"feature names must be non-empty and unique, got {names}")
-        for name in names:
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"feature name {name!r} must be a non-empty string without '.'")
-        if not table_prefix or "." in table_prefix:
-            raise ValueError(f"table_prefix {table_prefix!r} must be a non-empty string without '.'")
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        names = check_layout_args(feature_names, embedding_dim, table_prefix)
         self.feature_names: List[str] = names
         self.embedding_dim = embedding_dim
         self.table_prefix = table_prefix

@@ -27,6 +27,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.checks import check_layout_args
 from embeddings.hashing import hash_salt, identity_to_range, mix64, unsigned_mod
 from embeddings.memrec_options import MemRecOptions
 
@@ -90,18 +91,7 @@ class MemRecLayout(abc.ABC):
     def __init__(
         self, feature_names: Sequence[str], embedding_dim: int, options: MemRecOptions, table_prefix: str
     ) -> None:
-        names = list(feature_names)
-        if not names:
-            raise ValueError("MEM-REC needs at least one sparse feature")
-        if len(set(names)) != len(names):
-            raise ValueError(f"feature names must be unique, got {names}")
-        for name in names:
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"feature name {name!r} must be a non-empty string without '.'")
-        if not table_prefix or "." in table_prefix:
-            raise ValueError(f"table_prefix {table_prefix!r} must be a non-empty string without '.'")
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        names = check_layout_args(feature_names, embedding_dim, table_prefix)
         if not isinstance(options, MemRecOptions):
             raise TypeError(f"options must be MemRecOptions, got {type(options).__name__}")
         self.feature_names: List[str] = names

@@ -6,7 +6,9 @@ Defaults are the released CriteoTB setting (D = dw = 75000, K = kw = 1, two tabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+
+from embeddings.checks import check_choice, check_int, where
 
 # A weight-row index travels through TorchRec's input all-to-all as a float32 KJT weight; float32
 # represents every integer exactly only up to 2**24.
@@ -17,23 +19,6 @@ POOLINGS = ("sum", "mean")
 WEIGHT_INITS = ("uniform", "ones")
 TOKEN_INITS = ("uniform", "normal")
 HASHES = ("mix", "identity")
-
-
-def _where(name: str) -> str:
-    return f"embeddings.options.{name}"
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_where(name)} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{_where(name)} must be {bound}, got {value}")
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{_where(name)} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
@@ -75,26 +60,26 @@ class MemRecOptions:
     hash: str = "mix"
 
     def __post_init__(self) -> None:
-        _check_int("num_token_rows", self.num_token_rows, 1)
-        _check_int("num_weight_rows", self.num_weight_rows, 1, MAX_WEIGHT_ROWS)
-        _check_int("num_token_hashes", self.num_token_hashes, 1)
-        _check_int("num_weight_hashes", self.num_weight_hashes, 1)
-        _check_int("seed", self.seed, 0, (1 << 63) - 1)
+        check_int("num_token_rows", self.num_token_rows, 1)
+        check_int("num_weight_rows", self.num_weight_rows, 1, MAX_WEIGHT_ROWS)
+        check_int("num_token_hashes", self.num_token_hashes, 1)
+        check_int("num_weight_hashes", self.num_weight_hashes, 1)
+        check_int("seed", self.seed, 0, (1 << 63) - 1)
         if not isinstance(self.shared_tables, bool):
-            raise TypeError(f"{_where('shared_tables')} must be a bool, got {self.shared_tables!r}")
-        _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
-        _check_choice("token_init", self.token_init, TOKEN_INITS)
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("hash", self.hash, HASHES)
+            raise TypeError(f"{where('shared_tables')} must be a bool, got {self.shared_tables!r}")
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        check_choice("token_init", self.token_init, TOKEN_INITS)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("hash", self.hash, HASHES)
         if self.granularity == "per_sample" and not self.shared_tables:
             raise ValueError(
-                f"{_where('shared_tables')} must be true with granularity 'per_sample' "
+                f"{where('shared_tables')} must be true with granularity 'per_sample' "
                 "(all features of a sample share one bag, hence one token table), got false"
             )
         if self.hash == "identity" and (self.num_token_hashes != 1 or self.num_weight_hashes != 1):
             raise ValueError(
-                f"{_where('hash')} 'identity' needs num_token_hashes = num_weight_hashes = 1, got "
+                f"{where('hash')} 'identity' needs num_token_hashes = num_weight_hashes = 1, got "
                 f"{self.num_token_hashes} and {self.num_weight_hashes}"
             )
 
