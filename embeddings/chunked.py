@@ -18,16 +18,17 @@ four methods share: the base classes, option checks, memory sizing, per-element 
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -37,6 +38,7 @@ from embeddings.hashing import MAX_BUCKETS
 from embeddings.types import (
     MemoryReport,
     SparseArchContext,
+    SparseArchSpec,
     TableMemory,
     TopologyInfo,
     full_table_bytes,
@@ -296,3 +298,25 @@ def group_rows(groups: FeatureGroups, full_rows: Sequence[int], dim: int, width:
         return [max(1, int(round(num_rows * n / total))) for n in full] if len(full) > 1 else [num_rows]
     fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else float(memory_fraction)
     return [sized_rows(n, fraction, width, dim) for n in full]
+
+
+def remapped_spec(name: str, options_type: type, module_type: Callable[[SparseArchContext, Any], nn.Module],
+                  sharder: str, description: str) -> SparseArchSpec:
+    """The registry entry of a remapped method: build ``module_type(ctx, options)``, shard it with the
+    sharder class named ``"module:Class"`` (imported lazily: sharding/ imports embeddings/), place every inner
+    table row-wise, and count memory byte for byte."""
+    module_name, class_name = sharder.split(":")
+
+    def sharders(options: Any) -> List[ModuleSharder[nn.Module]]:
+        return [getattr(importlib.import_module(module_name), class_name)()]
+
+    return SparseArchSpec(
+        name=name,
+        options_type=options_type,
+        build=module_type,
+        sharders=sharders,
+        default_constraints=lambda module, options, topology: row_wise_constraints(module, topology),
+        memory=lambda module, ctx, options, sparse_optimizer: remapped_memory(module, ctx, sparse_optimizer),
+        ids="raw",
+        description=description,
+    )

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -31,15 +28,14 @@ from embeddings.chunked import (
     check_memory,
     feature_of_values,
     pooling_type,
-    remapped_memory,
-    row_wise_constraints,
+    remapped_spec,
     sized_rows,
     uniform_init,
     unsigned_mod_rows,
     wrap_of,
 )
 from embeddings.hashing import hash_salt, mix64
-from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+from embeddings.types import SparseArchContext
 
 
 @dataclass
@@ -127,37 +123,10 @@ class HashedEmbeddingBagCollection(RemappedEmbeddingBagCollection):
 
     def __init__(self, ctx: SparseArchContext, options: HashOptions, table_prefix: str = "hash") -> None:
         super().__init__(HashLayout(ctx, options, table_prefix), ctx.device,
-                         [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+                         ctx.all_pooling_factors())
 
 
-def build(ctx: SparseArchContext, options: HashOptions) -> nn.Module:
-    return HashedEmbeddingBagCollection(ctx, options)
-
-
-def sharders(options: HashOptions) -> List[ModuleSharder[nn.Module]]:
-    from sharding.hashing_trick import HashedEmbeddingBagCollectionSharder
-
-    return [HashedEmbeddingBagCollectionSharder()]
-
-
-def default_constraints(module: nn.Module, options: HashOptions, topology: TopologyInfo
-                        ) -> Dict[str, ParameterConstraints]:
-    return row_wise_constraints(module, topology)
-
-
-def memory(module: nn.Module, ctx: SparseArchContext, options: HashOptions, sparse_optimizer: str) -> MemoryReport:
-    return remapped_memory(module, ctx, sparse_optimizer)
-
-
-SPEC = registry.register(
-    SparseArchSpec(
-        name="hash",
-        options_type=HashOptions,
-        build=build,
-        sharders=sharders,
-        default_constraints=default_constraints,
-        memory=memory,
-        ids="raw",
-        description="hashing trick: raw ids hashed into a smaller table per feature",
-    )
-)
+SPEC = registry.register(remapped_spec(
+    "hash", HashOptions, HashedEmbeddingBagCollection, "sharding.hashing_trick:HashedEmbeddingBagCollectionSharder",
+    "hashing trick: raw ids hashed into a smaller table per feature",
+))

@@ -18,19 +18,15 @@ ROBE's random addresses ``hash_to_range(x, f, seed, c, rows)``, so any int64 id 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 
 from embeddings import registry
 from embeddings.chunked import (
     RemappedEmbeddingBagCollection,
     check_int,
-    remapped_memory,
-    row_wise_constraints,
+    remapped_spec,
     where,
     wrap_of,
 )
@@ -38,7 +34,7 @@ from embeddings.hashing import mix64
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
 from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts
 from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
-from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+from embeddings.types import SparseArchContext
 
 MAX_ROWS = (1 << 31) - 1  # rows are kept as int32
 
@@ -138,39 +134,10 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         check_header(header, options.index_path, seed=options.seed, num_chunks=layout.num_chunks,
                      num_hashes=options.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
         layout.addresser = MinhashChunkAddresser(options.index_path, header, options.num_hashes, options.seed)
-        super().__init__(layout, ctx.device, [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+        super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 
-def build(ctx: SparseArchContext, options: LmaOptions) -> nn.Module:
-    return LmaEmbeddingBagCollection(ctx, options)
-
-
-def sharders(options: LmaOptions) -> List[ModuleSharder[nn.Module]]:
-    from sharding.lma import LmaEmbeddingBagCollectionSharder
-
-    return [LmaEmbeddingBagCollectionSharder()]
-
-
-def default_constraints(module: nn.Module, options: LmaOptions, topology: TopologyInfo
-                        ) -> Dict[str, ParameterConstraints]:
-    """The shared array(s) row_wise (table_row_wise on several nodes) on the fused TBE kernel."""
-    return row_wise_constraints(module, topology)
-
-
-def memory(module: nn.Module, ctx: SparseArchContext, options: LmaOptions, sparse_optimizer: str) -> MemoryReport:
-    """The array(s), the dictionary (keys + per-chunk rows) and the hash salts, byte for byte."""
-    return remapped_memory(module, ctx, sparse_optimizer)
-
-
-SPEC = registry.register(
-    SparseArchSpec(
-        name="lma",
-        options_type=LmaOptions,
-        build=build,
-        sharders=sharders,
-        default_constraints=default_constraints,
-        memory=memory,
-        ids="raw",
-        description="LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
-    )
-)
+SPEC = registry.register(remapped_spec(
+    "lma", LmaOptions, LmaEmbeddingBagCollection, "sharding.lma:LmaEmbeddingBagCollectionSharder",
+    "LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
+))

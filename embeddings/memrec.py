@@ -49,7 +49,7 @@ __all__ = [
 
 def build(ctx: SparseArchContext, options: MemRecOptions) -> nn.Module:
     module_type = MemRecPerSampleEmbeddingBag if options.granularity == "per_sample" else MemRecEmbeddingBagCollection
-    pooling_factors = [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))]
+    pooling_factors = ctx.all_pooling_factors()
     return module_type(
         feature_names=list(ctx.feature_names),
         embedding_dim=ctx.embedding_dim,

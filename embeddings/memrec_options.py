@@ -6,7 +6,6 @@ Defaults are the released CriteoTB setting (D = dw = 75000, K = kw = 1, two tabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from embeddings.checks import check_choice, check_int, where
 

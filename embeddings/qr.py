@@ -30,9 +30,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -46,14 +43,13 @@ from embeddings.chunked import (
     check_int,
     feature_of_values,
     pooling_type,
-    remapped_memory,
-    row_wise_constraints,
+    remapped_spec,
     uniform_init,
     unsigned_mod_rows,
     wrap_of,
 )
 from embeddings.hashing import hash_salt, mix64
-from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+from embeddings.types import SparseArchContext
 
 
 @dataclass
@@ -184,37 +180,10 @@ class QREmbeddingBagCollection(RemappedEmbeddingBagCollection):
 
     def __init__(self, ctx: SparseArchContext, options: QrOptions, table_prefix: str = "qr") -> None:
         super().__init__(QrLayout(ctx, options, table_prefix), ctx.device,
-                         [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+                         ctx.all_pooling_factors())
 
 
-def build(ctx: SparseArchContext, options: QrOptions) -> nn.Module:
-    return QREmbeddingBagCollection(ctx, options)
-
-
-def sharders(options: QrOptions) -> List[ModuleSharder[nn.Module]]:
-    from sharding.qr import QREmbeddingBagCollectionSharder
-
-    return [QREmbeddingBagCollectionSharder()]
-
-
-def default_constraints(module: nn.Module, options: QrOptions, topology: TopologyInfo
-                        ) -> Dict[str, ParameterConstraints]:
-    return row_wise_constraints(module, topology)
-
-
-def memory(module: nn.Module, ctx: SparseArchContext, options: QrOptions, sparse_optimizer: str) -> MemoryReport:
-    return remapped_memory(module, ctx, sparse_optimizer)
-
-
-SPEC = registry.register(
-    SparseArchSpec(
-        name="qr",
-        options_type=QrOptions,
-        build=build,
-        sharders=sharders,
-        default_constraints=default_constraints,
-        memory=memory,
-        ids="raw",
-        description="quotient-remainder trick: W_q[y div c] * W_r[y mod c] per id (Shi et al. 2020)",
-    )
-)
+SPEC = registry.register(remapped_spec(
+    "qr", QrOptions, QREmbeddingBagCollection, "sharding.qr:QREmbeddingBagCollectionSharder",
+    "quotient-remainder trick: W_q[y div c] * W_r[y mod c] per id (Shi et al. 2020)",
+))

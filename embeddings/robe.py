@@ -27,9 +27,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -46,15 +43,14 @@ from embeddings.chunked import (
     feature_of_values,
     group_rows,
     pooling_type,
-    remapped_memory,
-    row_wise_constraints,
+    remapped_spec,
     uniform_init,
     unsigned_mod_rows,
     where,
     wrap_of,
 )
 from embeddings.hashing import hash_salt, mix64
-from embeddings.types import MemoryReport, SparseArchContext, SparseArchSpec, TopologyInfo
+from embeddings.types import SparseArchContext
 
 
 @dataclass
@@ -272,37 +268,10 @@ class RobeEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         if options.hash == "identity":
             layout.addresser = IdentityChunkAddresser(layout.rows_per_group, layout.full_rows, layout.groups,
                                                       layout.num_chunks)
-        super().__init__(layout, ctx.device, [ctx.pooling_factor(i) for i in range(len(ctx.feature_names))])
+        super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 
-def build(ctx: SparseArchContext, options: RobeOptions) -> nn.Module:
-    return RobeEmbeddingBagCollection(ctx, options)
-
-
-def sharders(options: RobeOptions) -> List[ModuleSharder[nn.Module]]:
-    from sharding.robe import RobeEmbeddingBagCollectionSharder
-
-    return [RobeEmbeddingBagCollectionSharder()]
-
-
-def default_constraints(module: nn.Module, options: RobeOptions, topology: TopologyInfo
-                        ) -> Dict[str, ParameterConstraints]:
-    return row_wise_constraints(module, topology)
-
-
-def memory(module: nn.Module, ctx: SparseArchContext, options: RobeOptions, sparse_optimizer: str) -> MemoryReport:
-    return remapped_memory(module, ctx, sparse_optimizer)
-
-
-SPEC = registry.register(
-    SparseArchSpec(
-        name="robe",
-        options_type=RobeOptions,
-        build=build,
-        sharders=sharders,
-        default_constraints=default_constraints,
-        memory=memory,
-        ids="raw",
-        description="ROBE-Z: random chunks of Z floats in one shared array (LMA without semantics)",
-    )
-)
+SPEC = registry.register(remapped_spec(
+    "robe", RobeOptions, RobeEmbeddingBagCollection, "sharding.robe:RobeEmbeddingBagCollectionSharder",
+    "ROBE-Z: random chunks of Z floats in one shared array (LMA without semantics)",
+))

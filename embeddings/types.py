@@ -49,6 +49,10 @@ class SparseArchContext:
     def pooling_factor(self, index: int) -> float:
         return 1.0 if self.pooling_factors is None else float(self.pooling_factors[index])
 
+    def all_pooling_factors(self) -> List[float]:
+        """Mean ids per sample of every feature, in feature order (1.0 where unknown)."""
+        return [self.pooling_factor(i) for i in range(len(self.feature_names))]
+
 
 @dataclass(frozen=True)
 class TopologyInfo:

@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
 from embeddings.hashing import hash_to_range
-from embeddings.lma import LmaEmbeddingBagCollection, LmaOptions, memory
+from embeddings.lma import SPEC, LmaEmbeddingBagCollection, LmaOptions
 from embeddings.lma_index import FORMAT, IndexHeader, LmaIndex, load_index, read_header, save_index
 from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, chunk_addresses, row_ranks, value_keys
 from embeddings.types import SparseArchContext
@@ -245,7 +245,7 @@ def test_without_sharing_it_is_an_embedding_bag_collection_over_gathered_rows(in
 # ---- memory and planning ------------------------------------------------------------------------
 def test_memory_counts_the_dictionary_byte_for_byte(index_path: Path) -> None:
     module = _module(index_path, num_rows=50)
-    report = memory(module, _ctx(), module.layout.options, "adagrad")  # type: ignore[arg-type]
+    report = SPEC.memory(module, _ctx(), module.layout.options, "adagrad")  # type: ignore[arg-type]
     by_name = {t.name: t for t in report.tables}
     assert by_name["lma_memory"].bytes == 50 * 4 * 4 and by_name["lma_memory"].kind == "parameter"
     assert by_name["lma_index_keys"].bytes == 60 * 8 and by_name["lma_index_rows"].bytes == 60 * 2 * 4
@@ -259,8 +259,8 @@ def test_meta_build_reads_only_the_header_and_sizes_buffers(index_path: Path) ->
     module = LmaEmbeddingBagCollection(_ctx("meta"), opts)
     assert module.lma_index_keys.is_meta and module.lma_index_rows.shape == (60, 2)
     assert module.ebc.embedding_bags["lma_memory"].weight.shape == (round(0.25 * sum(SIZES) * DIM / 4), 4)
-    cpu = memory(LmaEmbeddingBagCollection(_ctx(), opts), _ctx(), opts, "sgd")
-    assert memory(module, _ctx("meta"), opts, "sgd").as_dict() == cpu.as_dict()
+    cpu = SPEC.memory(LmaEmbeddingBagCollection(_ctx(), opts), _ctx(), opts, "sgd")
+    assert SPEC.memory(module, _ctx("meta"), opts, "sgd").as_dict() == cpu.as_dict()
 
 
 def test_registered_spec_builds_from_strict_options(index_path: Path) -> None:

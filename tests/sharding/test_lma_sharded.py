@@ -10,7 +10,7 @@ import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from embeddings.lma import LmaEmbeddingBagCollection, LmaOptions, default_constraints, sharders
+from embeddings.lma import SPEC, LmaEmbeddingBagCollection, LmaOptions
 from embeddings.types import TopologyInfo
 from tests.dist_utils import run_multiprocess
 from tests.embeddings.test_lma import write_synthetic_index
@@ -44,11 +44,11 @@ def test_planner_places_the_array_table_row_wise_on_two_nodes(tmp_path: Path) ->
                                    "index_path": str(path)}, seed=0, device="meta")
     assert isinstance(model.sparse, LmaEmbeddingBagCollection) and model.sparse.lma_index_keys.is_meta
     apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse.ebc.parameters(), {"lr": 0.1})
-    constraints = default_constraints(model.sparse, options, TopologyInfo(4, 2, "cuda"))
+    constraints = SPEC.default_constraints(model.sparse, options, TopologyInfo(4, 2, "cuda"))
     assert constraints["lma_memory"].pooling_factors == [1.5] * (2 * len(FEATURES))
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=4, local_world_size=2, compute_device="cuda"),
                                        constraints=constraints)
-    plan = planner.plan(model, sharders(options)).plan["sparse"]
+    plan = planner.plan(model, SPEC.sharders(options)).plan["sparse"]
     assert set(plan) == {"lma_memory"}  # type: ignore[arg-type]
     placed = plan["lma_memory"]  # type: ignore[index]
     assert (placed.sharding_type, placed.compute_kernel) == ("table_row_wise", "fused")
