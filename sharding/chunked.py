@@ -18,23 +18,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Dict, Iterator, List, Optional, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, QuantizedCommCodecs, ShardingEnv
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.chunked import Aux, RemappedEmbeddingBagCollection
-from sharding.ebc import RowWiseCapableEBCSharder
+from sharding.ebc import InnerEBCSharder
 
 INNER_EBC = "ebc"
 
@@ -134,46 +134,13 @@ class ShardedRemappedEmbeddingBagCollection(
         return self._unsharded_type
 
 
-class RemappedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RemappedEmbeddingBagCollection]):
+class RemappedEmbeddingBagCollectionSharder(InnerEBCSharder[RemappedEmbeddingBagCollection]):
     """Sharder of one id-remapping module type (DMP looks sharders up by exact module type: each method
     subclasses this with its ``module_type``). The inner tables go through ``ebc_sharder`` (default
     :class:`RowWiseCapableEBCSharder`). Pass the same instance to the planner and to DMP."""
 
-    def __init__(
-        self,
-        ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
-        fused_params: Optional[Dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._ebc_sharder: EmbeddingBagCollectionSharder = ebc_sharder or RowWiseCapableEBCSharder(
-            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
-        )
-
-    def shard(
-        self,
-        module: RemappedEmbeddingBagCollection,
-        params: Dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: Optional[torch.device] = None,
-        module_fqn: Optional[str] = None,
-    ) -> ShardedRemappedEmbeddingBagCollection:
-        if device is None:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return ShardedRemappedEmbeddingBagCollection(module, params, self._ebc_sharder, env, device, module_fqn)
-
     def shardable_parameters(self, module: RemappedEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return dict(self._ebc_sharder.shardable_parameters(module.ebc))
-
-    @property
-    def fused_params(self) -> Optional[Dict[str, Any]]:
-        return self._ebc_sharder.fused_params
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.sharding_types(compute_device_type)
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
 
     @property
     def module_type(self) -> Type[RemappedEmbeddingBagCollection]:

@@ -7,10 +7,13 @@ offers the full list everywhere. Pass the same sharder instance to the planner a
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List, Optional, TypeVar
 
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ParameterSharding, QuantizedCommCodecs, ShardingEnv, ShardingType
 
 ALL_SHARDING_TYPES: List[str] = [
     ShardingType.DATA_PARALLEL.value,
@@ -27,3 +30,43 @@ class RowWiseCapableEBCSharder(EmbeddingBagCollectionSharder):
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         return list(ALL_SHARDING_TYPES)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class InnerEBCSharder(BaseEmbeddingSharder[M]):
+    """Base of the sharders of modules that wrap an inner EmbeddingBagCollection (MEM-REC, LMA, baselines).
+
+    The inner EBC is sharded by ``ebc_sharder`` (default :class:`RowWiseCapableEBCSharder`), so lookups stay on
+    fbgemm's TBE with fused optimizers; sharding types, kernels and fused params are the inner sharder's.
+    Subclasses give ``module_type``, ``sharded_module_type`` (constructed as
+    ``(module, params, ebc_sharder, env, device, module_fqn)``) and ``shardable_parameters``.
+    """
+
+    def __init__(
+        self,
+        ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._ebc_sharder: EmbeddingBagCollectionSharder = ebc_sharder or RowWiseCapableEBCSharder(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
+
+    def shard(self, module: M, params: Dict[str, ParameterSharding], env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> Any:
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return self.sharded_module_type(module, params, self._ebc_sharder, env, device, module_fqn)
+
+    @property
+    def fused_params(self) -> Optional[Dict[str, Any]]:
+        return self._ebc_sharder.fused_params
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return self._ebc_sharder.sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Dict, Iterator, List, Optional, Type
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     EmbeddingBagCollectionSharder,
@@ -34,7 +34,6 @@ from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
     ParameterSharding,
-    QuantizedCommCodecs,
     ShardingEnv,
     ShardingType,
 )
@@ -44,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
-from sharding.ebc import RowWiseCapableEBCSharder
+from sharding.ebc import InnerEBCSharder
 
 TOKEN_EBC = "token_ebc"
 
@@ -160,48 +159,15 @@ def _check_plan(plan: Dict[str, ParameterSharding], token_names: List[str], weig
         )
 
 
-class MemRecEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MemRecEmbeddingBagCollection]):
+class MemRecEmbeddingBagCollectionSharder(InnerEBCSharder[MemRecEmbeddingBagCollection]):
     """Sharder of :class:`MemRecEmbeddingBagCollection`; the token tables go through ``ebc_sharder``
     (default :class:`RowWiseCapableEBCSharder`). Pass the same instance to the planner and to DMP.
     """
-
-    def __init__(
-        self,
-        ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
-        fused_params: Optional[Dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._ebc_sharder: EmbeddingBagCollectionSharder = ebc_sharder or RowWiseCapableEBCSharder(
-            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
-        )
-
-    def shard(
-        self,
-        module: MemRecEmbeddingBagCollection,
-        params: Dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: Optional[torch.device] = None,
-        module_fqn: Optional[str] = None,
-    ) -> ShardedMemRecEmbeddingBag:
-        if device is None:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return ShardedMemRecEmbeddingBag(module, params, self._ebc_sharder, env, device, module_fqn)
 
     def shardable_parameters(self, module: MemRecEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         params = dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
         params[module.layout.weight_table_name] = module.weight_table
         return params
-
-    @property
-    def fused_params(self) -> Optional[Dict[str, Any]]:
-        return self._ebc_sharder.fused_params
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.sharding_types(compute_device_type)
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
 
     @property
     def module_type(self) -> Type[MemRecEmbeddingBagCollection]:
