@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 from torch import nn
@@ -54,14 +54,14 @@ def constraints(arch: SparseArch, sharders: List[ModuleSharder[nn.Module]], shar
     """Method defaults, then ``sharding.default_sharding_types``, then per-table config overrides."""
     names = shardable_table_names(arch.module, sharders)
     result = dict(arch.spec.default_constraints(arch.module, arch.options, info))
-    features = list(arch.context.feature_names)
+    pooling = _table_pooling_factors(arch)
     for name in names:
-        if name in result or not sharding.default_sharding_types:
+        if name in result:
             continue
-        feature = name[2:] if name.startswith("t_") else None
-        pf = [arch.context.pooling_factor(features.index(feature))] if feature in features else [1.0]
-        result[name] = ParameterConstraints(sharding_types=list(sharding.default_sharding_types),
-                                            pooling_factors=pf)
+        # tables the method leaves to the planner: their true pooling factors (multi-hot data), and the
+        # configured default sharding types if any
+        result[name] = ParameterConstraints(sharding_types=list(sharding.default_sharding_types) or None,
+                                            pooling_factors=[pooling.get(name, 1.0)])
     for name, override in sharding.tables.items():
         if name not in names:
             raise ValueError(f"sharding.tables: unknown table {name!r}; tables of this model: {', '.join(names)}")
@@ -73,6 +73,14 @@ def constraints(arch: SparseArch, sharders: List[ModuleSharder[nn.Module]], shar
             updates["compute_kernels"] = list(override.compute_kernels)
         result[name] = dataclasses.replace(base, **updates)
     return result
+
+
+def _table_pooling_factors(arch: SparseArch) -> Dict[str, float]:
+    """Mean ids per sample of each table the module reports, summed over the dataset features it serves."""
+    index = {f: i for i, f in enumerate(arch.context.feature_names)}
+    configs: List[Any] = getattr(arch.module, "embedding_bag_configs", lambda: [])()
+    return {c.name: sum(arch.context.pooling_factor(index[f]) for f in c.feature_names if f in index) or 1.0
+            for c in configs}
 
 
 def make_planner(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],

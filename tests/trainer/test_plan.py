@@ -68,3 +68,16 @@ def test_plan_cli_prints_plan_and_memory(capsys) -> None:
     assert "2 node(s) x 8 cuda" in out and "t_cat_25" in out and "memory per rank" in out
     assert "compression ratio 1.0x" in out
     assert main(["plan", str(TB), "--world-size", "12", "--local-world-size", "8"]) == 2
+
+
+def test_planner_sees_multi_hot_pooling_factors_of_full_tables() -> None:
+    from trainer.planning import constraints
+
+    config = load_config(TB)
+    sizes = config.embeddings.num_embeddings_per_feature
+    pooling = [float(n) for n in config.data.multi_hot_sizes]
+    ctx = sparse_context(config, [f"cat_{i}" for i in range(26)], sizes, torch.device("meta"), pooling)
+    arch = build_sparse_arch(config, ctx)
+    result = constraints(arch, arch.spec.sharders(arch.options), config.sharding, TopologyInfo(8, 8, "cuda"))
+    assert [result[f"t_cat_{i}"].pooling_factors for i in range(26)] == [[p] for p in pooling]
+    assert result["t_cat_20"].sharding_types is None  # placement stays the planner's choice
