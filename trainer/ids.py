@@ -10,17 +10,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.data.types import Batch
 
 
-def reduce_ids(kjt: KeyedJaggedTensor, rows_per_feature: Sequence[int]) -> KeyedJaggedTensor:
-    """``id mod rows`` per feature (non-negative for negative ids too), vectorised over the KJT."""
+def reduce_ids(kjt: KeyedJaggedTensor, rows_per_feature: torch.Tensor) -> KeyedJaggedTensor:
+    """``id mod rows`` per feature (non-negative for negative ids too), vectorised over the KJT.
+
+    ``rows_per_feature``: int64 tensor with one table size per KJT key, in key order.
+    """
     keys = kjt.keys()
-    if len(keys) != len(rows_per_feature):
-        raise ValueError(f"KJT has {len(keys)} features but {len(rows_per_feature)} table sizes were given")
+    if len(keys) != rows_per_feature.numel():
+        raise ValueError(f"KJT has {len(keys)} features but {rows_per_feature.numel()} table sizes were given")
     values = kjt.values()
     if values.numel() == 0:
         return kjt
-    per_key = torch.tensor([int(kjt.length_per_key()[i]) for i in range(len(keys))], device=values.device)
-    rows = torch.tensor(list(rows_per_feature), dtype=torch.int64, device=values.device)
-    modulus = torch.repeat_interleave(rows, per_key)
+    modulus = torch.repeat_interleave(rows_per_feature.to(values.device),
+                                      torch.tensor(kjt.length_per_key(), device=values.device))
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.remainder(values.long(), modulus),
@@ -32,7 +34,7 @@ def reduce_ids(kjt: KeyedJaggedTensor, rows_per_feature: Sequence[int]) -> Keyed
 
 def reduce_ids_into_tables(rows_per_feature: Sequence[int]) -> Callable[[Batch], Batch]:
     """A batch transform for the data path (runs before the pipeline, so pipelining is unaffected)."""
-    rows = [int(r) for r in rows_per_feature]
+    rows = torch.tensor([int(r) for r in rows_per_feature], dtype=torch.int64)
 
     def transform(batch: Batch) -> Batch:
         batch.sparse_features = reduce_ids(batch.sparse_features, rows)
