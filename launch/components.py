@@ -43,6 +43,7 @@ def train(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
@@ -62,7 +63,10 @@ def train(
         gpu: GPUs per node (0 for CPU training)
         memMB: memory per node in MB
         env: extra environment variables, e.g. NCCL_DEBUG=INFO
-        max_retries: job restarts after a failure (resume from checkpoints needs training.resume)
+        max_retries: scheduler restarts of the whole job after a failure (Kubernetes, Slurm; not local_cwd)
+        max_restarts: torchrun restarts of the worker group when a rank dies (any scheduler). With either
+            retry count > 0 the job runs with training.resume=auto (unless an override sets training.resume),
+            so a restarted attempt continues from the newest checkpoint (set training.checkpoint_every)
         rdzv_port: c10d rendezvous port on the first node
         mounts: bind/volume mounts for container schedulers (see torchx dist.ddp)
     """
@@ -70,11 +74,14 @@ def train(
     _check_overrides(list(overrides))
     if not config.endswith((".yaml", ".yml")):
         raise ValueError(f"--config must be a YAML preset, got {config!r}")
-    if gpu < 0 or cpu < 1 or memMB < 256 or max_retries < 0:
-        raise ValueError("need gpu >= 0, cpu >= 1, memMB >= 256 and max_retries >= 0")
+    if gpu < 0 or cpu < 1 or memMB < 256 or max_retries < 0 or max_restarts < 0:
+        raise ValueError("need gpu >= 0, cpu >= 1, memMB >= 256, max_retries >= 0 and max_restarts >= 0")
+    overrides = tuple(overrides)
+    if (max_retries or max_restarts) and not any(o.startswith("training.resume=") for o in overrides):
+        overrides += ("training.resume=auto",)
     run_env = {"PYTHONUNBUFFERED": "1"}
     run_env.update(env or {})
-    return dist.ddp(
+    app = dist.ddp(
         "train", config, *overrides,
         m="trainer.cli",
         image=image,
@@ -89,3 +96,10 @@ def train(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+    if max_restarts:
+        role = app.roles[0]
+        command = role.args[-1]
+        if not command.startswith("torchrun "):
+            raise RuntimeError(f"unexpected torchx ddp command {command!r}: cannot add --max_restarts")
+        role.args[-1] = f"torchrun --max_restarts {max_restarts} " + command[len("torchrun "):]
+    return app

@@ -6,7 +6,7 @@ A checkpoint is ``RUN_DIR/checkpoints/step_<N>/``:
   Sharded tables are ``ShardedTensor``s (each rank writes its own shards, row-wise ones included; DCP re-splits
   them on load, so a different world size can load them), replicated parameters (MLPs, MEM-REC's weight table)
   are written once, fused TBE optimizer state is sharded like its table.
-- ``rank_<r>.pt``: that rank's RNG states (python, numpy, torch).
+- ``rank_<r>.pt``: that rank's RNG states (python, numpy, torch, and CUDA on its current device).
 - ``config.yaml``: the resolved configuration of the run that wrote it.
 - ``COMPLETE.json``, written last: data position (epoch, global step, steps into the epoch), global batch,
   LMA index path, the evaluations so far. A directory without it is not a checkpoint.
@@ -53,6 +53,7 @@ class TrainPosition:
     step: int = 0
     step_in_epoch: int = 0
     evals: List[Dict[str, Any]] = field(default_factory=list)  # validation results so far (global, rank-equal)
+    skipped: List[List[int]] = field(default_factory=list)  # [epoch, batch] left out after non-finite losses
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,18 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's current device
+    return state
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _barrier() -> None:
@@ -150,7 +156,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: Any, position: T
             "format_version": FORMAT_VERSION, "epoch": position.epoch, "step": position.step,
             "step_in_epoch": position.step_in_epoch, "world_size": ctx.world_size,
             "global_batch": config.data.batch_size * ctx.world_size, "lma_index_path": _lma_index_path(config),
-            "evals": position.evals,
+            "evals": position.evals, "skipped_batches": position.skipped,
         }
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
         if final.exists():
@@ -213,7 +219,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, config: Config
                        path, ctx.rank, meta["world_size"])
     logger.info("resumed from %s: epoch %d, step %d (%d into the epoch)", path, meta["epoch"], meta["step"],
                 meta["step_in_epoch"])
-    return TrainPosition(meta["epoch"], meta["step"], meta["step_in_epoch"], list(meta.get("evals", [])))
+    return TrainPosition(meta["epoch"], meta["step"], meta["step_in_epoch"], list(meta.get("evals", [])),
+                         [list(b) for b in meta.get("skipped_batches", [])])
 
 
 __all__ = ["MARKER", "Segment", "TrainPosition", "latest_checkpoint", "list_checkpoints", "load_checkpoint",

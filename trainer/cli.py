@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--nnodes", type=int, default=1, help="with --nproc: number of (simulated) nodes")
     t.add_argument("--scheduler", default="local_cwd", help="with --nproc: torchx scheduler")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in training.run_dir (training.resume=true)")
+                   help="continue from the newest complete checkpoint in training.run_dir (training.resume=latest)")
 
     g = sub.add_parser("generate", help="write a synthetic Criteo-like click log")
     g.add_argument("preset", help="synthetic preset (tiny, small, medium, large, and *-control)")
@@ -80,13 +80,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     if args.resume:
-        args.overrides = list(args.overrides) + ["training.resume=true"]
+        args.overrides = list(args.overrides) + ["training.resume=latest"]
     config = load_config(args.config, args.overrides)
     if args.nproc is not None:
         from trainer.launcher import launch_local
 
         return launch_local(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc,
-                            scheduler=args.scheduler, max_retries=config.launch.max_retries)
+                            scheduler=args.scheduler, max_retries=config.launch.max_retries,
+                            max_restarts=config.launch.max_restarts)
     from trainer.distributed import init_distributed
     from trainer.loop import run_training
 

@@ -142,6 +142,9 @@ class OptimizerConfig:
                                    reference_global_batch=None)
 
 
+RESUME_MODES = ("never", "latest", "auto")
+
+
 @dataclass
 class TrainingConfig:
     """The loop: length, evaluation schedule, logging, reproducibility."""
@@ -159,7 +162,9 @@ class TrainingConfig:
     progress_bar: bool = True  # rank-0 tqdm bar; false logs a line every log_every steps instead
     checkpoint_every: Optional[int] = None  # steps between sharded checkpoints in RUN_DIR/checkpoints (+ one at the end); null = none
     keep_checkpoints: int = 2  # newest complete checkpoints kept; older ones are deleted
-    resume: bool = False  # continue from the newest complete checkpoint in RUN_DIR (`compactrec train --resume`)
+    resume: str = "never"  # never (refuse a RUN_DIR holding checkpoints), latest (`--resume`: newest complete checkpoint, must exist) or auto (latest if any, else fresh; used by restarted jobs)
+    on_nonfinite: str = "stop"  # NaN/inf loss: stop (error naming the batch) or skip (reload the newest checkpoint, replay without that batch; needs checkpoint_every)
+    max_nonfinite_skips: int = 3  # with on_nonfinite=skip: stop at the next non-finite loss after this many skipped batches
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -178,6 +183,14 @@ class TrainingConfig:
             raise ValueError(f"checkpoint_every must be positive or null, got {self.checkpoint_every}")
         if self.keep_checkpoints <= 0:
             raise ValueError(f"keep_checkpoints must be positive, got {self.keep_checkpoints}")
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"resume must be one of {list(RESUME_MODES)}, got {self.resume!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        if self.on_nonfinite == "skip" and self.checkpoint_every is None:
+            raise ValueError("on_nonfinite=skip rolls back to the newest checkpoint, so it needs checkpoint_every")
+        if self.max_nonfinite_skips < 0:
+            raise ValueError(f"max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
 
 
 @dataclass
@@ -187,7 +200,8 @@ class LaunchConfig:
     scheduler: str = "local_cwd"  # torchx scheduler used by `compactrec train --nproc`
     nnodes: int = 1  # nodes of a launched job
     nproc_per_node: int = 2  # processes (GPUs) per node
-    max_retries: int = 0  # torchx restarts of a failed job
+    max_retries: int = 0  # scheduler restarts of a failed job (Kubernetes, Slurm, ...; local_cwd has none)
+    max_restarts: int = 0  # torchrun restarts of the worker group when a rank dies (every scheduler, local_cwd too)
     rdzv_port: int = 29500  # c10d rendezvous port on the first node
 
     def __post_init__(self) -> None:
@@ -195,6 +209,8 @@ class LaunchConfig:
             raise ValueError("nnodes and nproc_per_node must be positive")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
 
 
 @dataclass

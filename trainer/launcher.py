@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 
 def launch_local(config: str, overrides: Sequence[str], nnodes: int, nproc_per_node: int,
-                 scheduler: str = "local_cwd", max_retries: int = 0) -> int:
+                 scheduler: str = "local_cwd", max_retries: int = 0, max_restarts: int = 0) -> int:
     """Run ``launch.components.train`` on ``scheduler`` and stream replica 0's output; returns an exit code."""
     from torchx.runner import get_runner
     from torchx.specs import AppState
@@ -25,7 +25,7 @@ def launch_local(config: str, overrides: Sequence[str], nnodes: int, nproc_per_n
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     app = train(*overrides, config=config, j=f"{nnodes}x{nproc_per_node}", max_retries=max_retries,
-                env={"PATH": os.environ["PATH"]})
+                max_restarts=max_restarts, env={"PATH": os.environ["PATH"]})
     with get_runner("compactrec") as runner:
         handle = runner.run(app, scheduler=scheduler, cfg={"log_dir": str(Path("runs/torchx").resolve())})
         logger.info("launched %s", handle)

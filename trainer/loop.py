@@ -12,7 +12,8 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from embeddings.types import TopologyInfo
 from trainer import checkpoint
 from trainer.config import Config, save_config
 from trainer.data import loader
+from trainer.data.guard import GuardedBatches
 from trainer.data.types import Batch
 from trainer.datasets import DatasetInfo, dataset_info
 from trainer.distributed import DistContext
@@ -96,6 +98,41 @@ def _nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+class _NonFiniteLoss(Exception):
+    """A step's loss was NaN/inf on some rank (raised on every rank: the check is collective)."""
+
+    def __init__(self, message: str, epoch: int, batch: int) -> None:
+        super().__init__(message)
+        self.epoch, self.batch = epoch, batch
+
+
+@dataclass
+class _LoopState:
+    step: int  # batches consumed so far (a batch skipped after a non-finite loss counts as consumed)
+    evals: List[Dict[str, Any]]
+    skipped: List[Tuple[int, int]]  # (epoch, batch in epoch) left out after a non-finite loss
+    saved_at: int  # step of the newest checkpoint of this run (-1: none)
+    train_time: float = 0.0
+    reached: bool = False
+
+
+def _initial_position(config: Config, run_dir: Path, model: Any, optimizer: Any,
+                      ctx: DistContext) -> Tuple[checkpoint.TrainPosition, bool]:
+    """Where training starts (``training.resume``) and whether that came from a checkpoint."""
+    latest: Optional[Path] = checkpoint.latest_checkpoint(run_dir)
+    mode = config.training.resume
+    if mode == "latest" and latest is None:
+        raise FileNotFoundError(f"training.resume: no complete checkpoint in {checkpoint.checkpoint_root(run_dir)}")
+    if mode == "never" and latest is not None and config.training.checkpoint_every is not None:
+        raise FileExistsError(
+            f"{checkpoint.checkpoint_root(run_dir)} holds checkpoints of an earlier run (newest: {latest.name}) that "
+            "this run would overwrite and prune: continue it with --resume (training.resume=latest or auto), or "
+            "choose another training.run_dir")
+    if latest is None or mode == "never":
+        return checkpoint.TrainPosition(), False
+    return checkpoint.load_checkpoint(latest, model, optimizer, config, ctx), True
+
+
 def _train_steps(config: Config, ctx: DistContext) -> tuple[int, int]:
     """(steps per epoch, total steps) for the configured data, limits and max_steps."""
     rows = loader.count_rows(config.data, "train")
@@ -139,66 +176,109 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     mlperf.event("eval_samples", loader.count_rows(config.data, "val"))
     mlperf.start("run_start")
 
-    every = config.training.checkpoint_every
-    resumed = checkpoint.TrainPosition()
-    if config.training.resume:
-        latest = checkpoint.latest_checkpoint(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"training.resume: no complete checkpoint in {checkpoint.checkpoint_root(run_dir)}")
-        resumed = checkpoint.load_checkpoint(latest, model, optimizer, config, ctx)
-    step, evals, reached = resumed.step, resumed.evals, False
-    saved_at = step if config.training.resume else -1
+    every, keep = config.training.checkpoint_every, config.training.keep_checkpoints
+    position, loaded = _initial_position(config, run_dir, model, optimizer, ctx)
+    if config.training.on_nonfinite == "skip" and not loaded:  # a rollback point before the first step
+        checkpoint.save_checkpoint(run_dir, model, optimizer, position, config, ctx, keep)
+        loaded = True
+    first_step = position.step
+    state = _LoopState(step=position.step, evals=position.evals, skipped=[tuple(b) for b in position.skipped],
+                       saved_at=position.step if loaded else -1)
     start = time.perf_counter()
-    train_time = 0.0
-    for epoch in range(resumed.epoch, config.training.epochs):
-        epoch_start = epoch * steps_per_epoch
-        epoch_steps = min(steps_per_epoch, total - epoch_start)
-        if epoch_steps <= 0 or reached:
-            break
-        skip = resumed.step_in_epoch if epoch == resumed.epoch else 0
-        if skip >= epoch_steps:
-            continue
-        mlperf.start("epoch_start", metadata={"epoch_num": epoch + 1})
-        train_iter = _batches(config, "train", ctx, transform, skip=skip)
-        eval_segments = _segments(epoch_steps, config.training.evals_per_epoch)
-        for segment in checkpoint.segment_plan(eval_segments, epoch_start, every, skip):
-            seg_iter = itertools.islice(train_iter, segment.steps)
-            t0 = time.perf_counter()
-            while True:
-                try:
-                    loss, *_ = pipeline.progress(seg_iter)
-                except StopIteration:
-                    break
-                step += 1
-                if _nonfinite_on_any_rank(loss):  # the update is already applied (fused optimizers): stop
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (epoch {epoch}, train batch {step - epoch_start - 1} of the "
-                        f"epoch, rows from {(step - epoch_start - 1) * global_batch}; this rank's loss "
-                        f"{float(loss)}); no checkpoint written after it")
-                reporter.on_step(step, float(loss))
-            train_time += time.perf_counter() - t0
-            if segment.evaluate:
-                epoch_fraction = step / steps_per_epoch
-                mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
-                metrics = evaluate(pipeline, model, _batches(config, "val", ctx, transform), ctx)
-                metrics.update(step=step, epoch=epoch_fraction)
-                mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
-                mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
-                evals.append(metrics)
-                reporter.on_eval("val", step, metrics)
-            if segment.checkpoint:  # the pipeline is drained here; after the evaluation so it is recorded
-                position = checkpoint.TrainPosition(epoch, step, step - epoch_start, evals)
-                checkpoint.save_checkpoint(run_dir, model, optimizer, position, config, ctx,
-                                           config.training.keep_checkpoints)
-                saved_at = step
-            target = config.training.target_auc
-            if segment.evaluate and target is not None and evals[-1]["auc"] >= target:
-                reached = True
+
+    def save(epoch: int) -> None:
+        at = checkpoint.TrainPosition(epoch, state.step, state.step - epoch * steps_per_epoch, state.evals,
+                                      [list(b) for b in state.skipped])
+        checkpoint.save_checkpoint(run_dir, model, optimizer, at, config, ctx, keep)
+        state.saved_at = state.step
+
+    def train_from(pos: checkpoint.TrainPosition) -> None:
+        for epoch in range(pos.epoch, config.training.epochs):
+            epoch_start = epoch * steps_per_epoch
+            epoch_steps = min(steps_per_epoch, total - epoch_start)
+            if epoch_steps <= 0 or state.reached:
                 break
-        mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
-    if every is not None and saved_at != step:
-        final = checkpoint.TrainPosition(step // steps_per_epoch, step, step % steps_per_epoch, evals)
-        checkpoint.save_checkpoint(run_dir, model, optimizer, final, config, ctx, config.training.keep_checkpoints)
+            skip = pos.step_in_epoch if epoch == pos.epoch else 0
+            if skip >= epoch_steps:
+                continue
+            mlperf.start("epoch_start", metadata={"epoch_num": epoch + 1})
+            train_iter = _batches(config, "train", ctx, transform, skip=skip)
+            eval_segments = _segments(epoch_steps, config.training.evals_per_epoch)
+            for segment in checkpoint.segment_plan(eval_segments, epoch_start, every, skip):
+                first = state.step - epoch_start  # batch index in the epoch where this segment starts
+                wanted = [first + i for i in range(segment.steps) if (epoch, first + i) not in state.skipped]
+                guard = GuardedBatches(itertools.islice(train_iter, segment.steps), ctx.device, "train")
+                seg_iter = (b for i, b in enumerate(guard) if (epoch, first + i) not in state.skipped)
+                t0 = time.perf_counter()
+                for index in wanted:
+                    try:
+                        loss, *_ = pipeline.progress(seg_iter)
+                    except StopIteration:
+                        break
+                    state.step = epoch_start + index + 1
+                    if _nonfinite_on_any_rank(loss):  # the update is already applied (fused optimizers)
+                        raise _NonFiniteLoss(
+                            f"non-finite loss at step {state.step} (epoch {epoch}, train batch {index} of the "
+                            f"epoch, rows from {index * global_batch}; this rank's loss {float(loss)})",
+                            epoch, index)
+                    reporter.on_step(state.step, float(loss))
+                state.train_time += time.perf_counter() - t0
+                state.step = epoch_start + first + guard.count  # batches consumed (skipped ones included)
+                if guard.failed:  # every batch before the bad one is trained: keep that state, then report
+                    save(epoch)
+                    guard.raise_if_failed(f"at train batch {first + guard.count} of epoch {epoch} (checkpoint "
+                                          f"written at step {state.step}; fix the data and --resume)")
+                if segment.evaluate:
+                    epoch_fraction = state.step / steps_per_epoch
+                    mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
+                    metrics = _guarded_eval("val", lambda: save(epoch))
+                    metrics.update(step=state.step, epoch=epoch_fraction)
+                    mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
+                    mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
+                    state.evals.append(metrics)
+                    reporter.on_eval("val", state.step, metrics)
+                if segment.checkpoint:  # the pipeline is drained here; after the evaluation so it is recorded
+                    save(epoch)
+                target = config.training.target_auc
+                if segment.evaluate and target is not None and state.evals[-1]["auc"] >= target:
+                    state.reached = True
+                    break
+            mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
+
+    def _guarded_eval(split: str, on_error: Callable[[], None]) -> Dict[str, float]:
+        guard = GuardedBatches(_batches(config, split, ctx, transform), ctx.device, split)
+        metrics = evaluate(pipeline, model, guard, ctx)
+        if guard.failed:  # evaluation changes no parameters: the training state so far is saved, then reported
+            on_error()
+            guard.raise_if_failed(f"at {split} batch {guard.count} after training step {state.step} "
+                                  f"(checkpoint written at step {state.step})")
+        return metrics
+
+    while True:
+        try:
+            train_from(position)
+            break
+        except _NonFiniteLoss as bad:
+            if config.training.on_nonfinite != "skip":
+                raise FloatingPointError(f"{bad}; no checkpoint written after it") from None
+            if len(state.skipped) >= config.training.max_nonfinite_skips:
+                raise FloatingPointError(f"{bad}; already skipped {len(state.skipped)} batch(es) "
+                                         f"{state.skipped} = training.max_nonfinite_skips: stopping") from None
+            state.skipped.append((bad.epoch, bad.batch))
+            latest = checkpoint.latest_checkpoint(run_dir)
+            if latest is None:
+                raise FileNotFoundError(f"{bad}: on_nonfinite=skip found no checkpoint to roll back to") from None
+            pipeline.reset()  # drop the prefetched batches of the abandoned segment
+            position = checkpoint.load_checkpoint(latest, model, optimizer, config, ctx)
+            logger.warning("%s: rolled back to %s and skipping that batch (skipped so far: %s)", bad, latest.name,
+                           state.skipped)
+            state.step, state.evals, state.saved_at = position.step, position.evals, position.step
+            # the rolled-back checkpoint predates this skip; the next one records it
+            mlperf.event("nonfinite_skip", {"epoch": bad.epoch, "batch": bad.batch})
+    step, evals, reached = state.step, state.evals, state.reached
+    train_time = state.train_time
+    if every is not None and state.saved_at != step:
+        save(step // steps_per_epoch)
     status = "success" if config.training.target_auc is None or reached else "aborted"
     mlperf.end("run_stop", metadata={"status": status})
     samples = step * global_batch
@@ -207,7 +287,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "train_samples": samples,
         "train_seconds": train_time,
         # this process's own steps over its own training time (a resumed run counts only what it trained)
-        "samples_per_s": (step - resumed.step) * global_batch / max(train_time, 1e-9),
+        "samples_per_s": (step - first_step) * global_batch / max(train_time, 1e-9),
         "wall_seconds": time.perf_counter() - start,
         "world_size": ctx.world_size,
         "global_batch": global_batch,
@@ -219,9 +299,10 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "target_auc": config.training.target_auc,
         "target_reached": reached,
         "data_skips": loader.skip_report(),
+        "skipped_batches": [list(b) for b in state.skipped],  # (epoch, batch) left out after a non-finite loss
     }
     if config.training.final_test:
-        result["test"] = evaluate(pipeline, model, _batches(config, "test", ctx, transform), ctx)
+        result["test"] = _guarded_eval("test", lambda: None if state.saved_at == step else save(step // steps_per_epoch))
         mlperf.event("test_accuracy", result["test"]["auc"])
     mlperf.close()
     reporter.finish(result)

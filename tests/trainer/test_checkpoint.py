@@ -83,7 +83,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tiny_dataset: Path, tmp_path: 
     meta = read_metadata(latest_checkpoint(half_dir))
     assert (meta["epoch"], meta["step"], meta["step_in_epoch"], meta["world_size"]) == (0, 6, 6, 2)
     resumed = run_multiprocess(_train, 2, args=(tiny_overrides(tiny_dataset, half_dir) + common
-                                                + ["training.resume=true"],))
+                                                + ["training.resume=latest"],))
     assert full[0]["result"]["steps"] == resumed[0]["result"]["steps"] == 12
     for rank in range(2):
         _assert_same_state(full[rank]["state"], resumed[rank]["state"])
