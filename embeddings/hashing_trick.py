@@ -31,10 +31,9 @@ from embeddings.chunked import (
     remapped_spec,
     sized_rows,
     uniform_init,
-    unsigned_mod_rows,
     wrap_of,
 )
-from embeddings.hashing import hash_salt, mix64
+from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
 from embeddings.types import SparseArchContext
 
 
@@ -48,6 +47,8 @@ class HashOptions:
     - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag.
     - ``seed``: hash seed in [0, 2**63).
     - ``hash``: "mix" (pinned splitmix64 hash) or "identity" (``id mod rows``).
+    - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
+      first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
     """
 
     memory_fraction: Optional[float] = None
@@ -55,12 +56,14 @@ class HashOptions:
     pooling: str = "sum"
     seed: int = 0
     hash: str = "mix"
+    hash_backend: str = "torch"
 
     def __post_init__(self) -> None:
         check_memory(self.memory_fraction, self.num_rows)
         check_choice("pooling", self.pooling, POOLINGS)
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash", self.hash, ("mix", "identity"))
+        check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
 
 
 class HashLayout(RemapLayout):
@@ -105,12 +108,11 @@ class HashLayout(RemapLayout):
         features = self.select_features(features)
         values = features.values().to(torch.int64)
         feature_of_value, _ = feature_of_values(features.lengths(), len(self.feature_names), values.numel())
-        rows = buffers["hash_rows"][feature_of_value]
         if self.options.hash == "identity":
-            mapped = torch.remainder(values, rows)
+            mapped = torch.remainder(values, buffers["hash_rows"][feature_of_value])
         else:
-            h = mix64(values ^ buffers["hash_salts"][feature_of_value])
-            mapped = unsigned_mod_rows(h, rows, buffers["hash_wrap"][feature_of_value])
+            mapped = salted_hash(values, feature_of_value, buffers["hash_salts"], rows=buffers["hash_rows"],
+                                 wrap=buffers["hash_wrap"], backend=self.options.hash_backend)
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=mapped, lengths=features.lengths(),
                                 stride=features.stride())
         return kjt, None

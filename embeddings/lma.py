@@ -30,7 +30,7 @@ from embeddings.chunked import (
     where,
     wrap_of,
 )
-from embeddings.hashing import mix64
+from embeddings.hashing import salted_hash
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
 from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts
 from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
@@ -110,7 +110,7 @@ class MinhashChunkAddresser(ChunkAddresser):
         count = index_keys.numel()
         if count == 0:
             return random_rows
-        keys = mix64(values ^ buffers["lma_key_salts"][feature_of_value])
+        keys = salted_hash(values, feature_of_value, buffers["lma_key_salts"], backend=layout.options.hash_backend)
         position = torch.searchsorted(index_keys, keys).clamp_(max=count - 1)
         found = index_keys[position] == keys
         return torch.where(found[:, None], buffers["lma_index_rows"][position].to(torch.int64), random_rows)

@@ -28,7 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.checks import check_layout_args
-from embeddings.hashing import hash_salt, identity_to_range, mix64, unsigned_mod
+from embeddings.hashing import hash_salt, identity_to_range, salted_hash
 from embeddings.memrec_options import MemRecOptions
 
 
@@ -159,7 +159,7 @@ class MemRecLayout(abc.ABC):
         if self.options.hash == "identity":
             rows = identity_to_range(values, num_rows) if token else torch.zeros_like(values)
             return rows[:, None]
-        return unsigned_mod(mix64(values[:, None] ^ salts[feature_of_value]), num_rows)
+        return salted_hash(values, feature_of_value, salts, num_buckets=num_rows, backend=self.options.hash_backend)
 
     def select_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` restricted to and ordered as this module's features (checks shape only)."""

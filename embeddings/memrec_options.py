@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from embeddings.checks import check_choice, check_int, where
+from embeddings.hashing import HASH_BACKENDS
 
 # A weight-row index travels through TorchRec's input all-to-all as a float32 KJT weight; float32
 # represents every integer exactly only up to 2**24.
@@ -44,6 +45,8 @@ class MemRecOptions:
     - ``hash``: "mix" (splitmix64-based, see ``embeddings.hashing``) or "identity": token row =
       id mod D and weight row 0 (needs K = kw = 1): with D >= id range and a weight of 1 the module
       is exactly an EmbeddingBagCollection, the degenerate setting that parity tests pin.
+    - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
+      first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
     """
 
     num_token_rows: int = 75_000
@@ -57,6 +60,7 @@ class MemRecOptions:
     token_init: str = "uniform"
     granularity: str = "per_token"
     hash: str = "mix"
+    hash_backend: str = "torch"
 
     def __post_init__(self) -> None:
         check_int("num_token_rows", self.num_token_rows, 1)
@@ -71,6 +75,7 @@ class MemRecOptions:
         check_choice("token_init", self.token_init, TOKEN_INITS)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("hash", self.hash, HASHES)
+        check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
         if self.granularity == "per_sample" and not self.shared_tables:
             raise ValueError(
                 f"{where('shared_tables')} must be true with granularity 'per_sample' "

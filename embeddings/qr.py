@@ -45,10 +45,9 @@ from embeddings.chunked import (
     pooling_type,
     remapped_spec,
     uniform_init,
-    unsigned_mod_rows,
     wrap_of,
 )
-from embeddings.hashing import hash_salt, mix64
+from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
 from embeddings.types import SparseArchContext
 
 
@@ -61,6 +60,8 @@ class QrOptions:
     - ``seed``: seed of the hash into the full table, in [0, 2**63).
     - ``hash``: "mix" (pinned hash into [0, n_f)) or "identity" (``id mod n_f``).
     - ``remainder_init``: "ones" or "uniform" (see the module docstring).
+    - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
+      first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
     """
 
     num_collisions: int = 4
@@ -68,6 +69,7 @@ class QrOptions:
     seed: int = 0
     hash: str = "mix"
     remainder_init: str = "ones"
+    hash_backend: str = "torch"
 
     def __post_init__(self) -> None:
         check_int("num_collisions", self.num_collisions, 1)
@@ -75,6 +77,7 @@ class QrOptions:
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash", self.hash, ("mix", "identity"))
         check_choice("remainder_init", self.remainder_init, ("ones", "uniform"))
+        check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
 
 
 class QrLayout(RemapLayout):
@@ -136,12 +139,11 @@ class QrLayout(RemapLayout):
         lengths = features.lengths()
         n = values.numel()
         feature_of_value, _ = feature_of_values(lengths, len(self.feature_names), n)
-        full = buffers["qr_full_rows"][feature_of_value]
         if self.options.hash == "identity":
-            y = torch.remainder(values, full)
+            y = torch.remainder(values, buffers["qr_full_rows"][feature_of_value])
         else:
-            y = unsigned_mod_rows(mix64(values ^ buffers["qr_salts"][feature_of_value]), full,
-                                  buffers["qr_wrap"][feature_of_value])
+            y = salted_hash(values, feature_of_value, buffers["qr_salts"], rows=buffers["qr_full_rows"],
+                            wrap=buffers["qr_wrap"], backend=self.options.hash_backend)
         c = self.options.num_collisions
         quotient = torch.div(y, c, rounding_mode="floor") + buffers["qr_quotient_offsets"][feature_of_value]
         remainder = torch.remainder(y, c) + buffers["qr_remainder_offsets"][feature_of_value]

@@ -45,11 +45,10 @@ from embeddings.chunked import (
     pooling_type,
     remapped_spec,
     uniform_init,
-    unsigned_mod_rows,
     where,
     wrap_of,
 )
-from embeddings.hashing import hash_salt, mix64
+from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
 from embeddings.types import SparseArchContext
 
 
@@ -67,6 +66,8 @@ class ChunkedOptions:
       feature names, each group with its own array (every feature in exactly one group).
     - ``pooling``: "sum" or "mean" over the ids of a multi-hot bag (an empty bag gives zeros).
     - ``seed``: hash seed in [0, 2**63).
+    - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
+      first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
     """
 
     memory_fraction: Optional[float] = None
@@ -75,6 +76,7 @@ class ChunkedOptions:
     feature_groups: Optional[List[List[str]]] = None
     pooling: str = "sum"
     seed: int = 0
+    hash_backend: str = "torch"
 
     def __post_init__(self) -> None:
         check_memory(self.memory_fraction, self.num_rows)
@@ -82,6 +84,7 @@ class ChunkedOptions:
             check_int("chunk_size", self.chunk_size, 1)
         check_choice("pooling", self.pooling, POOLINGS)
         check_int("seed", self.seed, 0, (1 << 63) - 1)
+        check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
 
 
 @dataclass
@@ -125,9 +128,8 @@ class RandomChunkAddresser(ChunkAddresser):
 
     def rows(self, layout: "ChunkLayout", values: torch.Tensor, feature_of_value: torch.Tensor,
              buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        h = mix64(values[:, None] ^ buffers["chunk_salts"][feature_of_value])
-        return unsigned_mod_rows(h, buffers["chunk_rows"][feature_of_value][:, None],
-                                 buffers["chunk_wrap"][feature_of_value][:, None])
+        return salted_hash(values, feature_of_value, buffers["chunk_salts"], rows=buffers["chunk_rows"],
+                           wrap=buffers["chunk_wrap"], backend=layout.options.hash_backend)
 
 
 class IdentityChunkAddresser(ChunkAddresser):
