@@ -82,8 +82,20 @@ def make_kjt(rng: np.random.Generator, names: Sequence[str], rows: Sequence[int]
 
 
 # ------------------------------------------------------------------------------------------- methods
+FUSED_SUFFIX = "_fused"  # e.g. memrec_fused: the same method with ``hash_backend: fused`` (one-pass C hashing)
+
+
+def base_method(method: str) -> str:
+    return method[: -len(FUSED_SUFFIX)] if method.endswith(FUSED_SUFFIX) else method
+
+
 def method_options(method: str, shape: str, dim: int, lma_index: Optional[str]) -> Tuple[str, Dict[str, Any]]:
-    """(registry kind, options dict) of each benchmarked variant."""
+    """(registry kind, options dict) of each benchmarked variant; ``<method>_fused`` adds ``hash_backend: fused``."""
+    if method.endswith(FUSED_SUFFIX):
+        kind, opts = method_options(base_method(method), shape, dim, lma_index)
+        if kind == "full":
+            raise ValueError("full has no id hashing (no _fused variant)")
+        return kind, {**opts, "hash_backend": "fused"}
     if method == "full":
         return "full", {}
     if method == "memrec":  # released CriteoTB setting: D = dw = 75000, K = kw = 1, shared tables
@@ -179,6 +191,7 @@ def bytes_touched(method: str, opts: Dict[str, Any], num_ids: int, dim: int, ind
     gathered row for the SGD update (upper bound: duplicate ids counted each time)."""
     row = 4 * dim
     lookups, side = num_ids, 0
+    method = base_method(method)
     if method.startswith("memrec"):
         k = opts["num_token_hashes"] * opts["num_weight_hashes"]
         lookups = num_ids * k
@@ -212,6 +225,37 @@ def time_it(fn: Callable[[int], None], warmup: int, repeats: int) -> List[float]
         t = time.perf_counter()
         fn(warmup + i)
         out.append(time.perf_counter() - t)
+    return out
+
+
+def step_fns(dmp: nn.Module, kjts: Sequence[KeyedJaggedTensor], grads: torch.Tensor) -> Dict[str, Callable[[int], None]]:
+    def fwd(i: int) -> None:
+        with torch.no_grad():
+            dmp(kjts[i % len(kjts)])
+
+    def train(i: int) -> None:
+        out = dmp(kjts[i % len(kjts)])
+        (out * grads).sum().backward()
+
+    return {"fwd": fwd, "train": train}
+
+
+def time_interleaved(steps: Dict[str, Dict[str, Callable[[int], None]]], warmup: int,
+                     repeats: int) -> Dict[str, Dict[str, List[float]]]:
+    """Per phase, round ``i`` runs step ``i`` of every method once (order rotated every round), so a load burst
+    from another job hits all methods alike instead of one method's whole series; warm-up rounds untimed."""
+    methods = list(steps)
+    out: Dict[str, Dict[str, List[float]]] = {m: {} for m in methods}
+    for phase in ("fwd", "train"):
+        for m in methods:
+            out[m][phase] = []
+        for i in range(warmup + repeats):
+            shift = i % len(methods)
+            for m in methods[shift:] + methods[:shift]:
+                t = time.perf_counter()
+                steps[m][phase](i)
+                if i >= warmup:
+                    out[m][phase].append(time.perf_counter() - t)
     return out
 
 
@@ -249,6 +293,8 @@ def machine_info() -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     torch.manual_seed(0)
@@ -269,7 +315,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
               flush=True)
         for dist_name in args.dists:
             lma_index = None
-            if "lma" in args.methods:
+            if any(base_method(m) == "lma" for m in args.methods):
                 lma_index = str(tmpdir / f"lma_{shape}_{dist_name}.npz")
                 t = time.perf_counter()
                 build_lma_index(Path(lma_index), names, rows, dim, dist_name, args.lma_sample_rows)
@@ -277,47 +323,45 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             rng = np.random.default_rng(123)
             batches = {b: [make_kjt(rng, names, rows, b, dist_name) for _ in range(args.distinct_batches)]
                        for b in args.batch_sizes}
+            built: Dict[str, Dict[str, Any]] = {}
             for method in args.methods:
                 kind, opts = method_options(method, shape, dim, lma_index)
                 t = time.perf_counter()
                 dmp, mem, _ = build_dmp(kind, opts, ctx, lr=args.lr)
                 build_s = time.perf_counter() - t
                 index_values = 0
-                if method == "lma":
+                if base_method(method) == "lma":
                     from embeddings.lma_index import read_header
                     index_values = read_header(lma_index).values_covered
-                for b in args.batch_sizes:
-                    kjts = batches[b]
-                    grads = torch.randn(b, len(names) * dim) * 1e-3
-
-                    def fwd(i: int) -> None:
-                        with torch.no_grad():
-                            dmp(kjts[i % len(kjts)])
-
-                    def train(i: int) -> None:
-                        out = dmp(kjts[i % len(kjts)])
-                        (out * grads).sum().backward()
-
-                    # touch every row once before timing (first-touch page faults out of the timings)
-                    if b == args.batch_sizes[0]:
-                        touch(dmp)
-                    t_f = time_it(fwd, args.warmup, args.repeats)
-                    t_t = time_it(train, args.warmup, args.repeats)
-                    by = bytes_touched(method, opts, b * len(names), dim, index_values)
+                touch(dmp)  # every row read once: first-touch page faults out of the timings
+                built[method] = {"dmp": dmp, "mem": mem, "kind": kind, "opts": opts, "build_s": build_s,
+                                 "index_values": index_values}
+            for b in args.batch_sizes:
+                kjts = batches[b]
+                grads = torch.randn(b, len(names) * dim) * 1e-3
+                steps = {m: step_fns(built[m]["dmp"], kjts, grads) for m in args.methods}
+                times = time_interleaved(steps, args.warmup, args.repeats) if args.interleave else \
+                    {m: {ph: time_it(fn, args.warmup, args.repeats) for ph, fn in steps[m].items()} for m in steps}
+                for method in args.methods:
+                    info = built[method]
+                    kind, opts = info["kind"], info["opts"]
+                    by = bytes_touched(method, opts, b * len(names), dim, info["index_values"])
                     rec = {"shape": shape, "scale": scale, "dim": dim, "dist": dist_name, "method": method,
                            "kind": kind, "options": {k: v for k, v in opts.items() if k != "index_path"},
-                           "batch": b, "build_s": build_s, "memory_bytes": mem.total_bytes,
-                           "full_table_bytes": full_bytes, "compression": full_bytes / max(1, mem.total_bytes),
-                           "fwd": summary(t_f), "train": summary(t_t), "bytes": by}
+                           "batch": b, "build_s": info["build_s"], "memory_bytes": info["mem"].total_bytes,
+                           "full_table_bytes": full_bytes,
+                           "compression": full_bytes / max(1, info["mem"].total_bytes),
+                           "fwd": summary(times[method]["fwd"]), "train": summary(times[method]["train"]),
+                           "bytes": by}
                     for k in ("fwd", "train"):
                         rec[k]["bw_bound_ms"] = by[k] / bw * 1e3
                         rec[k]["frac_of_bw"] = rec[k]["bw_bound_ms"] / rec[k]["median_ms"]
                     results["runs"].append(rec)
-                    print(f"   {dist_name:7s} {method:9s} B={b:5d}  fwd {rec['fwd']['median_ms']:8.2f} ms "
+                    print(f"   {dist_name:7s} {method:12s} B={b:5d}  fwd {rec['fwd']['median_ms']:8.2f} ms "
                           f"[{rec['fwd']['p10_ms']:.2f}, {rec['fwd']['p90_ms']:.2f}]  train "
                           f"{rec['train']['median_ms']:8.2f} ms [{rec['train']['p10_ms']:.2f}, "
                           f"{rec['train']['p90_ms']:.2f}]  bw-frac fwd {rec['fwd']['frac_of_bw']:.3f}", flush=True)
-                del dmp
+            del built
     # ratios vs full within this run
     for rec in results["runs"]:
         ref = next((r for r in results["runs"] if r["method"] == "full" and r["shape"] == rec["shape"]
@@ -405,6 +449,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--stream-mib", type=int, default=512)
     p.add_argument("--stream-repeats", type=int, default=10)
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="time each method's whole series in turn (default: round-robin over methods per step)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); 1 keeps timings stable when another job "
+                        "holds one of a 2-core machine's cores (2-thread OpenMP regions then stall on the busy core)")
     p.add_argument("--out", default="benchmarks/results/embedding_stage")
     p.add_argument("--quick", action="store_true", help="tiny sizes, < 1 minute")
     p.add_argument("--plot-from", default=None, help="only redraw --plot from this results JSON")
