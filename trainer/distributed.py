@@ -41,6 +41,21 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt_store(restart: int, world_size: int) -> dist.Store:
+    """The torchrun agent's store, under a prefix of its own for this restart attempt.
+
+    After ``torchrun --max_restarts`` restarts the workers, the agent's store still holds the previous attempt's
+    keys (gloo's peer addresses among them): the new ranks then try to connect to the dead ranks' ports and
+    fail with "connectFullMesh ... Connection refused" (seen with torch 2.13; pytorch/pytorch#167288 reports the
+    same for NCCL). A prefix per attempt keeps the attempts apart.
+    """
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"compactrec/attempt_{restart}", store)
+
+
 def init_distributed(device_preference: str = "auto") -> DistContext:
     """Join the process group set up by torchrun/torchx (env://), or make a 1-process group.
 
@@ -56,7 +71,11 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ or world_size > 1:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend=backend, store=_attempt_store(restart, world_size), rank=rank,
+                                    world_size=world_size)
+        elif "MASTER_ADDR" in os.environ or world_size > 1:
             dist.init_process_group(backend=backend, init_method="env://")
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
