@@ -63,3 +63,15 @@ def test_kubernetes_dryrun_renders_job() -> None:
 def test_component_help_comes_from_docstring() -> None:
     out = _torchx("run", "-s", "local_cwd", "launch/components.py:train", "--help")
     assert "NNODESxNPROC_PER_NODE" in out and "section.key=value" in out
+
+
+def test_restarts_add_torchrun_max_restarts_and_resume_auto() -> None:
+    role = train("training.max_steps=3", max_restarts=2).roles[0]
+    command = role.args[-1]
+    assert command.startswith("torchrun --max_restarts 2 ") and command.endswith("training.resume=auto")
+    # scheduler-level retries also resume; an explicit training.resume override is kept as given
+    assert train(max_retries=1).roles[0].args[-1].endswith("training.resume=auto")
+    explicit = train("training.resume=latest", max_restarts=1).roles[0].args[-1]
+    assert explicit.count("training.resume=") == 1 and "training.resume=latest" in explicit
+    plain = train().roles[0].args[-1]
+    assert "--max_restarts" not in plain and "training.resume" not in plain
