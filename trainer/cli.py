@@ -1,4 +1,4 @@
-"""``compactrec`` command line: train, generate, plan.
+"""``compactrec`` command line: train, generate, plan, export, ...
 
 ``main(argv)`` parses and validates, then calls library functions with config objects only.
 """
@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build what the config's method needs before training (LMA index), once")
     pr.add_argument("config")
     pr.add_argument("overrides", nargs="*")
+
+    ex = sub.add_parser("export", help="write a checkpoint's model as one file of unsharded weights for inference")
+    ex.add_argument("config")
+    ex.add_argument("overrides", nargs="*")
+    ex.add_argument("--out", required=True, help="output file (e.g. model.pt)")
+    ex.add_argument("--checkpoint", default=None,
+                    help="checkpoint directory (default: the newest complete one in training.run_dir)")
 
     cp = sub.add_parser("compare", help="side-by-side AUC, memory and speed of finished runs")
     cp.add_argument("run_dirs", nargs="+", help="run directories; the first is the reference (e.g. runs/default)")
@@ -147,6 +154,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.config import load_config
+    from trainer.export import export_checkpoint
+
+    done = export_checkpoint(load_config(args.config, args.overrides), Path(args.out),
+                             Path(args.checkpoint) if args.checkpoint else None)
+    print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']}: {done['tensors']} tensors, "
+          f"{done['bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from trainer.compare import compare_table
 
@@ -166,11 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command != "train":
         _setup_logging(0)
     commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index,
-                "compare": _cmd_compare, "prepare": _cmd_prepare}
+                "compare": _cmd_compare, "prepare": _cmd_prepare, "export": _cmd_export}
     try:
         return commands[args.command](args)
     except FileExistsError as exc:
-        print(f"compactrec {args.command}: error: {exc} (command line: --overwrite)", file=sys.stderr)
+        hint = " (command line: --overwrite)" if args.command == "generate" else ""
+        print(f"compactrec {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"compactrec {args.command}: error: {exc}", file=sys.stderr)
