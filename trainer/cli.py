@@ -11,6 +11,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from trainer.errors import DataError
 from trainer.strict import ConfigError
 
 logger = logging.getLogger("compactrec")
@@ -193,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = " (command line: --overwrite)" if args.command == "generate" else ""
         print(f"compactrec {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError, DataError) as exc:
         print(f"compactrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,11 +23,9 @@ from typing import Iterator, List, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from trainer.errors import DataError
+
 T = TypeVar("T")
-
-
-class DataError(RuntimeError):
-    """Reading or transforming input data failed on at least one rank (the message says which and why)."""
 
 
 class GuardedBatches(Iterator[T]):
