@@ -32,7 +32,8 @@ _WARN_FIRST = 5  # bad rows logged at WARNING per parser; the rest at DEBUG
 
 class TsvParser:
     """Parses lines of one file; ``policy`` "error" raises ValueError on a bad row, "skip" counts it in
-    ``counts`` (reason -> rows: column_count, label, dense, categorical) and returns None."""
+    ``counts`` (reason -> rows: truncated, column_count, label, dense, categorical) and returns None.
+    A last line without a line end counts as truncated: a cut inside its last field would parse."""
 
     def __init__(self, path: str, has_label: bool = True, policy: str = "error",
                  counts: Optional["collections.Counter[str]"] = None, log: bool = True) -> None:
@@ -55,6 +56,9 @@ class TsvParser:
 
     def parse(self, line: str, line_no: int) -> Optional[Row]:
         """Parse one line (``line_no`` is 1-based, for messages); None when skipped."""
+        if not line.endswith("\n"):  # only the last line can lack one: cut inside C26, it would still parse
+            self._bad(line_no, "truncated", "has no line end (the file is truncated?)")
+            return None
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != self.num_columns:
             self._bad(line_no, "column_count", f"has {len(fields)} columns, expected {self.num_columns}")

@@ -35,9 +35,11 @@ def dense_transform(raw: np.ndarray) -> np.ndarray:
 
     Computed like TorchRec (integer shift, then float32 log of the float32-cast value) so that the TSV
     reader reproduces the preprocessed ``day_*_dense.npy`` bit for bit. Values below ``DENSE_MIN`` (never seen
-    in Criteo) are clamped so the result is always finite (>= log 2).
+    in Criteo) are clamped so the result is always finite (>= log 2); so are values within 5 of the int64
+    maximum, whose shift would wrap around to a negative number and give NaN (their float32 is unchanged).
     """
-    shifted = np.maximum(np.asarray(raw, dtype=np.int64), DENSE_MIN) - (DENSE_MIN - 2)
+    clamped = np.clip(np.asarray(raw, dtype=np.int64), DENSE_MIN, np.iinfo(np.int64).max + (DENSE_MIN - 2))
+    shifted = clamped - (DENSE_MIN - 2)
     return np.log(shifted.astype(np.float32))
 
 
