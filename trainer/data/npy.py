@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple
+import tokenize
+from typing import BinaryIO, Optional, Tuple
 
 import numpy as np
 
@@ -23,10 +24,36 @@ def day_path(directory: str, day: int, suffix: str) -> str:
     return os.path.join(directory, f"day_{day}_{suffix}")
 
 
+def read_npy_header(fin: BinaryIO, where: str) -> Tuple[Tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of the .npy starting at ``fin``'s position; a missing or
+    cut magic/header raises a ValueError naming ``where`` (numpy's own errors name no file)."""
+    try:
+        version = np.lib.format.read_magic(fin)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fin)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fin)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as exc:  # numpy parses the dict with ast
+        raise ValueError(f"{where}: not a readable .npy header (truncated or not a .npy file?): {exc}") from exc
+    if dtype.hasobject:
+        raise ValueError(f"{where}: holds Python objects ({dtype}), expected numbers")
+    return tuple(int(n) for n in shape), bool(fortran), dtype, fin.tell()
+
+
 def open_array(path: str) -> np.ndarray:
-    """Memory-map a .npy file (no pickles)."""
+    """Memory-map a .npy file (no pickles). A cut or corrupt header, and a file whose size is not what its
+    header says (truncated, or bytes appended), raise a ValueError naming the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as fin:
+        shape, _, dtype, offset = read_npy_header(fin, path)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if offset + nbytes != size:
+        raise ValueError(f"{path}: header says shape {shape} {dtype} ({nbytes} bytes of data) but the file holds "
+                         f"{size - offset} bytes after the header (truncated or appended to?)")
     array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
     return array
 
@@ -68,6 +95,8 @@ class DenseLabels:
             expect(self.oracle_path, self.oracle, self.oracle.dtype == np.float32 and self.oracle.ndim == 1,
                    "float32 array of shape (N,)")
         self.num_rows = int(self.dense.shape[0])
+        if self.num_rows == 0:  # a day never is empty: an empty array is a writer that failed
+            raise ValueError(f"{self.dense_path}: holds no rows")
 
     def check_rows(self, named: Tuple[Tuple[str, int], ...]) -> None:
         """All arrays of the day must have the same number of rows."""

@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from trainer.data.npy import DenseLabels, check_ids, day_path, expect
+from trainer.data.npy import DenseLabels, check_ids, day_path, expect, read_npy_header
 from trainer.data.types import NUM_SPARSE, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
 def open_npz_lazily(path: str) -> Dict[str, np.ndarray]:
     """Memory-map every ``.npy`` member of an uncompressed npz; returns {name without .npy: read-only array}."""
     arrays: Dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as zf:
-        infos = zf.infolist()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path}: not a readable zip/npz file (truncated?): {exc}") from exc
     for info in infos:
         if not info.filename.endswith(".npy"):
             continue
@@ -50,16 +53,7 @@ def open_npz_lazily(path: str) -> Dict[str, np.ndarray]:
         start = _member_data_offset(path, info)
         with open(path, "rb") as fin:
             fin.seek(start)
-            version = np.lib.format.read_magic(fin)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fin)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fin)
-            else:
-                raise ValueError(f"{path}: member {info.filename!r}: unsupported .npy version {version}")
-            data_offset = fin.tell()
-        if dtype.hasobject:
-            raise ValueError(f"{path}: member {info.filename!r} holds Python objects, expected integers")
+            shape, fortran, dtype, data_offset = read_npy_header(fin, f"{path}: member {info.filename!r}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if data_offset - start + nbytes != info.file_size:
             raise ValueError(f"{path}: member {info.filename!r}: header says {shape} {dtype} "
@@ -79,15 +73,17 @@ class NpzDay(DaySource):
         self.base = DenseLabels(directory, day)
         self.sparse_path = day_path(directory, day, "sparse_multi_hot.npz")
         members = open_npz_lazily(self.sparse_path)
-        missing = [str(f) for f in range(NUM_SPARSE) if str(f) not in members]
-        if missing:
+        expected = [str(f) for f in range(NUM_SPARSE)]
+        missing = [name for name in expected if name not in members]
+        unknown = sorted(set(members) - set(expected))  # e.g. another feature set's file: never ignored
+        if missing or unknown:
             raise ValueError(f"{self.sparse_path}: expected arrays '0'..'{NUM_SPARSE - 1}', "
-                             f"missing {missing} (found {sorted(members)})")
+                             f"missing {missing}, unexpected {unknown} (found {sorted(members)})")
         self.features: List[np.ndarray] = []
         for f in range(NUM_SPARSE):
             array = members[str(f)]
-            expect(f"{self.sparse_path}[{str(f)!r}]", array, array.dtype in (np.int32, np.int64) and array.ndim == 2,
-                   "int32 or int64 array of shape (N, size_f)")
+            expect(f"{self.sparse_path}[{str(f)!r}]", array, array.dtype in (np.int32, np.int64) and array.ndim == 2
+                   and array.shape[1] >= 1, "int32 or int64 array of shape (N, size_f) with size_f >= 1")
             self.features.append(array)
         self.base.check_rows(tuple((f"{self.sparse_path}[{str(f)!r}]", int(a.shape[0])) for f, a in
                                    enumerate(self.features)))
