@@ -147,11 +147,18 @@ def multi_hot_spec(cfg: DataConfig) -> Optional[MultiHotSpec]:
         manifest = {}
         if os.path.isfile(path):
             with open(path) as fin:
-                manifest = json.load(fin)
-        if "num_embeddings_per_feature" not in manifest:
+                try:
+                    manifest = json.load(fin)
+                except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+                    raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict) or "num_embeddings_per_feature" not in manifest:
             raise ValueError(f"data.multi_hot_sizes is set but no table sizes are known: set "
                              f"data.num_embeddings_per_feature (ids are taken modulo them; {path} gives none)")
-        sizes = [int(n) for n in manifest["num_embeddings_per_feature"]]
+        sizes = manifest["num_embeddings_per_feature"]
+        # int() would turn 1.5 or "7" into a table size silently; bool is an int subclass
+        if (not isinstance(sizes, list) or len(sizes) != NUM_SPARSE
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
+            raise ValueError(f"{path}: num_embeddings_per_feature={sizes!r}: expected {NUM_SPARSE} integers >= 1")
     return MultiHotSpec(tuple(cfg.multi_hot_sizes), tuple(sizes), cfg.multi_hot_distribution,
                         cfg.multi_hot_seed, cfg.multi_hot_min_table_size)
 
