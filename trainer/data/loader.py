@@ -117,17 +117,26 @@ class _ArraySplit:
 def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
     if cfg.kaggle_file is not None:
         path = os.path.join(cfg.path, cfg.kaggle_file)
-        per_day, extra = divmod(tsv.count_lines(path), cfg.num_days)
+        lines = tsv.count_lines(path)
+        if lines < cfg.num_days:  # some "days" would be empty
+            raise ValueError(f"{path}: {lines} lines cannot be cut into data.num_days={cfg.num_days} days")
+        per_day, extra = divmod(lines, cfg.num_days)
         starts = [d * per_day + min(d, extra) for d in range(cfg.num_days + 1)]
         return [tsv.TsvSegment(path, line_start=starts[d], line_stop=starts[d + 1]) for d in days]
     segments = []
     for d in days:
         path = os.path.join(cfg.path, f"day_{d}")
+        if os.path.getsize(path) == 0:  # a day never is empty: a file cut at byte 0 (names a missing file too)
+            raise ValueError(f"{path}: empty file")
         oracle: Optional[np.ndarray] = None
         oracle_path = day_path(cfg.path, d, "oracle_logits.npy")
-        if os.path.exists(oracle_path):  # one value per line of day_{d}; the length is checked as lines are read
+        if os.path.exists(oracle_path):  # one value per line of day_{d}; a short one is found as lines are read
             oracle = open_array(oracle_path)
             expect(oracle_path, oracle, oracle.dtype == np.float32 and oracle.ndim == 1, "float32 array of shape (N,)")
+            lines = tsv.count_lines(path)
+            if oracle.shape[0] > lines:  # whole lines lost at the end of day_{d}: the oracle still knows them
+                raise ValueError(f"{path}: has {lines} lines but {oracle_path} holds {oracle.shape[0]} values "
+                                 "(the day file is truncated?)")
         segments.append(tsv.TsvSegment(path, oracle=oracle))
     return segments
 
