@@ -8,14 +8,42 @@ dataclasses. ``__post_init__`` validation errors are re-raised with the section 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, Mapping, Type, TypeVar, Union
+
+import yaml
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names key, value and source file."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by explicit keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found key {key!r} twice (first at line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys as errors (``yaml.YAMLError`` naming the key and line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _describe(value: Any) -> str:
@@ -64,7 +92,13 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}: expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):  # YAML .nan / .inf: no setting means them, and `nan <= 0` passes checks
+            raise ConfigError(f"{source}: {key}: expected a finite number, got {_describe(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key}: expected a string, got {_describe(value)}")
