@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from trainer.data.config import DataConfig
-from trainer.strict import ConfigError, from_dict, to_dict
+from trainer.strict import ConfigError, from_dict, load_yaml, to_dict
 
 ARCHS = ("dlrm", "dlrm_dcn")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
@@ -49,8 +49,9 @@ class ModelConfig:
             )
         if not self.over_arch_layer_sizes or self.over_arch_layer_sizes[-1] != 1:
             raise ValueError(f"over_arch_layer_sizes {self.over_arch_layer_sizes} must end with 1 (one logit)")
-        if any(s <= 0 for s in self.dense_arch_layer_sizes + self.over_arch_layer_sizes):
-            raise ValueError("layer sizes must be positive")
+        for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            if any(s <= 0 for s in getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)} must be positive")
         if self.dcn_num_layers <= 0 or self.dcn_low_rank_dim <= 0:
             raise ValueError("dcn_num_layers and dcn_low_rank_dim must be positive")
 
@@ -99,7 +100,10 @@ class ShardingConfig:
     reserved_memory_fraction: float = 0.15  # of each rank's memory kept for dense parts and activations
 
     def __post_init__(self) -> None:
-        TableConstraint(sharding_types=self.default_sharding_types)
+        try:
+            TableConstraint(sharding_types=self.default_sharding_types)
+        except ValueError as exc:
+            raise ValueError(f"default_sharding_types: {exc}") from exc
         if not 0.0 <= self.reserved_memory_fraction < 1.0:
             raise ValueError(f"reserved_memory_fraction must be in [0, 1), got {self.reserved_memory_fraction}")
         if self.device_memory_gb <= 0 or self.host_memory_gb <= 0:
@@ -245,26 +249,33 @@ def _deep_merge(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, An
     return out
 
 
-def read_yaml(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
-    """Read a preset, resolving its ``base:`` chain. Errors name the file."""
+def read_yaml(path: Path, _seen: Sequence[Path] = (), files: Optional[List[Path]] = None) -> Dict[str, Any]:
+    """Read a preset, resolving its ``base:`` chain (appended to ``files``, the preset first). Errors name
+    the file; a key given twice and an empty file are errors (YAML would keep the last / give nothing)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     resolved = path.resolve()
     if resolved in _seen:
         raise ConfigError(f"{path}: base chain loops back to itself")
+    if files is not None:
+        files.append(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or an int of over 4300 digits
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{path}: empty (no sections); a preset that changes nothing is `base: <preset>.yaml`")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
+    if "base" not in data:
         return data
-    if not isinstance(base, str):
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:  # `base:` left empty would drop the whole base silently
         raise ConfigError(f"{path}: base must be a file name, got {base!r}")
-    parent = read_yaml(path.parent / base, (*_seen, resolved))
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base {base!r}: config file {str(path.parent / base)!r} does not exist")
+    parent = read_yaml(path.parent / base, (*_seen, resolved), files)
     return _deep_merge(parent, data)
 
 
@@ -277,8 +288,8 @@ def parse_override(text: str) -> Dict[str, Any]:
     if len(parts) < 2:
         raise ConfigError(f"override {text!r}: key must be section.key (e.g. optimizer.sparse_lr=0.1)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
     node: Dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
@@ -288,8 +299,11 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
     """Load a preset (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
-    data: Dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
+    files: List[Path] = []
+    data: Dict[str, Any] = read_yaml(Path(path), files=files) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
+    if len(files) > 1:  # a key may come from any file of the chain
+        source += " (base: " + " <- ".join(str(f) for f in files[1:]) + ")"
     for text in overrides:
         data = _deep_merge(data, parse_override(text))
     if overrides:
