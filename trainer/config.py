@@ -308,7 +308,21 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Co
         data = _deep_merge(data, parse_override(text))
     if overrides:
         source += " + overrides " + " ".join(overrides)
-    return from_dict(Config, data, source=source)
+    config = from_dict(Config, data, source=source)
+    check_embedding_options(config, source)
+    return config
+
+
+def check_embedding_options(config: Config, source: str) -> None:
+    """Check ``embeddings.options`` against the chosen method's option type now, naming the config files,
+    instead of when the model is built (possibly inside launched workers)."""
+    from embeddings import registry
+
+    try:
+        spec = registry.get(config.embeddings.kind)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{source}: embeddings.kind: {exc.args[0] if exc.args else exc}") from None
+    from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -51,8 +51,15 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
                 f"embeddings.num_embeddings_per_feature is null and {path / MANIFEST} gives no table sizes; "
                 "set it in the config (e.g. the Criteo Kaggle or Terabyte sizes)"
             )
-        sizes = [int(n) for n in manifest["num_embeddings_per_feature"]]
-    if len(sizes) != len(names):
-        raise ValueError(f"embeddings.num_embeddings_per_feature has {len(sizes)} entries, expected {len(names)}")
+        sizes = manifest["num_embeddings_per_feature"]
+        where = f"{path / MANIFEST}: num_embeddings_per_feature"
+    else:
+        where = "embeddings.num_embeddings_per_feature"
+    if not isinstance(sizes, list) or len(sizes) != len(names):
+        raise ValueError(f"{where} must list {len(names)} table sizes, got {sizes!r}")
+    bad = [(i, n) for i, n in enumerate(sizes) if isinstance(n, bool) or not isinstance(n, int) or n <= 0]
+    if bad:
+        i, n = bad[0]
+        raise ValueError(f"{where}[{i}] ({names[i]}) must be a positive integer, got {n!r}")
     pooling = loader.pooling_factors(config.data) if path.exists() else None
     return DatasetInfo(names, list(sizes), pooling, manifest)

@@ -88,9 +88,9 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_base_chain_and_overrides(tmp_path: Path) -> None:
     _write(tmp_path, "training:\n  epochs: 3\n  seed: 5\noptimizer:\n  sparse_lr: 0.5\n", "base.yaml")
     child = _write(tmp_path, "base: base.yaml\ntraining:\n  seed: 7\n", "child.yaml")
-    cfg = load_config(child, ["optimizer.sparse_lr=0.25", "embeddings.options={a: 1}"])
+    cfg = load_config(child, ["optimizer.sparse_lr=0.25", "embeddings.options={pooling: mean}"])
     assert (cfg.training.epochs, cfg.training.seed, cfg.optimizer.sparse_lr) == (3, 7, 0.25)
-    assert cfg.embeddings.options == {"a": 1}
+    assert cfg.embeddings.options == {"pooling": "mean"}
 
 
 def test_base_loop_is_an_error(tmp_path: Path) -> None:
@@ -125,12 +125,15 @@ def test_method_options_are_strict() -> None:
 
     from trainer.model import build_sparse_arch, sparse_context
 
-    cfg = load_config(None, ["embeddings.options={poolng: sum}"])
+    # checked when the config loads (naming its source), and again when the module is built
+    with pytest.raises(ConfigError, match="<defaults> .*poolng"):
+        load_config(None, ["embeddings.options={poolng: sum}"])
+    with pytest.raises(ConfigError, match="<defaults> .*registered kinds: .*full"):
+        load_config(None, ["embeddings.kind=nonexistent"])
+    cfg = load_config(None)
+    cfg.embeddings.options = {"poolng": "sum"}
     ctx = sparse_context(cfg, ["a"], [10], torch.device("meta"))
     with pytest.raises(ConfigError, match="poolng"):
-        build_sparse_arch(cfg, ctx)
-    cfg = load_config(None, ["embeddings.kind=nonexistent"])
-    with pytest.raises(ValueError, match="registered kinds: .*full"):
         build_sparse_arch(cfg, ctx)
 
 

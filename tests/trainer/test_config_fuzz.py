@@ -344,6 +344,33 @@ def test_table_sizes_for_a_wrong_number_of_features() -> None:
 
     for sizes in ([10] * 25, [10] * 27):
         config = load_config(None, [f"embeddings.num_embeddings_per_feature={sizes}", "data.path=/nonexistent"])
-        with pytest.raises(ValueError, match=f"embeddings.num_embeddings_per_feature has {len(sizes)} entries, "
-                                             "expected 26"):
+        with pytest.raises(ValueError, match="embeddings.num_embeddings_per_feature must list 26 table sizes"):
             dataset_info(config, require_data=False)
+
+
+def test_manifest_table_sizes_must_be_positive_integers(tmp_path: Path) -> None:
+    import json
+
+    from trainer.config import load_config as load
+    from trainer.datasets import dataset_info
+
+    sizes = [10] * 26
+    for bad, shown in ((1.5, "1.5"), ("7", "'7'"), (0, "0"), (True, "True")):
+        sizes[3] = bad
+        (tmp_path / "manifest.json").write_text(json.dumps({"num_embeddings_per_feature": sizes}))
+        config = load(None, [f"data.path={tmp_path}"])
+        with pytest.raises(ValueError, match=r"manifest.json: num_embeddings_per_feature\[3\] \(cat_3\) "
+                                             f"must be a positive integer, got {shown}$"):
+            dataset_info(config, require_data=False)
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_embeddings_per_feature": [10] * 25}))
+    with pytest.raises(ValueError, match="must list 26 table sizes"):
+        dataset_info(load(None, [f"data.path={tmp_path}"]), require_data=False)
+
+
+def test_embedding_kind_and_options_are_checked_at_load_naming_the_file() -> None:
+    from trainer.config import load_config as load
+
+    with pytest.raises(ConfigError, match=r"memrec_small.yaml.*embeddings.kind: unknown embeddings.kind 'nope'"):
+        load(REPO / "configs" / "memrec_small.yaml", ["embeddings.kind=nope"])
+    with pytest.raises(ConfigError, match=r"lma_small.yaml.*unknown key 'embeddings.options.bogus'"):
+        load(REPO / "configs" / "lma_small.yaml", ["embeddings.options.bogus=1"])
