@@ -8,6 +8,7 @@ dataclasses. ``__post_init__`` validation errors are re-raised with the section 
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 import typing
 from typing import Any, Dict, Mapping, Type, TypeVar, Union
@@ -39,6 +40,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "while constructing a mapping", node.start_mark,
                     f"found key {key!r} twice (first at line {first.start_mark.line + 1})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 5e+2 as strings (it wants a dot: 1.0e-3); YAML 1.2 and users read numbers
+_FLOAT_RE = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:

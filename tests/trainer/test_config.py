@@ -147,3 +147,9 @@ def test_embedding_options_doc_is_current() -> None:
     from trainer.embeddings_doc import render
 
     assert (REPO / "docs" / "EMBEDDINGS.md").read_text() == render(), "run: python -m trainer.embeddings_doc > docs/EMBEDDINGS.md"
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) alone reads 1e-3 as the string '1e-3'
+    cfg = load_config(_write(tmp_path, "optimizer:\n  dense_lr: 1e-3\n  sparse_lr: 5E-2\n"), ["optimizer.eps=1e-8"])
+    assert (cfg.optimizer.dense_lr, cfg.optimizer.sparse_lr) == (0.001, 0.05)

@@ -303,7 +303,7 @@ OVERRIDES = [
     ("data.batch_size.sub=1", "data.batch_size: expected an integer"),
     ("data.train_days=3", "data.train_days: expected a list"), ("data.train_days=[a]", "data.train_days[0]"),
     ("data.format=", "data.format=''"), ("optimizer.sparse_lr=.inf", "optimizer.sparse_lr: expected a finite"),
-    ("optimizer.sparse_lr=1e-3", "optimizer.sparse_lr: expected a number, got '1e-3'"),
+    ("optimizer.sparse_lr=1e-3x", "optimizer.sparse_lr: expected a number, got '1e-3x'"),
     ("sharding.tables={t_cat_0: {sharding_types: [x]}}", "sharding.tables.t_cat_0"),
     ("sharding.tables={a: {}, a: {}}", "found key 'a' twice"), ("embeddings.options=[1]", "embeddings.options"),
     ("training.epochs=0", "epochs must be positive"), ("data={batch_size: 1}", "key must be section.key"),
