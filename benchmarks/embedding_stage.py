@@ -339,7 +339,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for b in args.batch_sizes:
                 kjts = batches[b]
                 grads = torch.randn(b, len(names) * dim) * 1e-3
-                steps = {m: step_fns(built[m]["dmp"], kjts, grads) for m in args.methods}
+                # --no-ddp: DMP's sharded module tree itself (``dmp.module``), without the DDP wrapper DMP adds
+                # for data-parallel parameters (MEM-REC's weight table); that wrapper clones the module output,
+                # here the whole [B, F*dim] embedding output, in training only the logits.
+                steps = {m: step_fns(built[m]["dmp"].module if args.no_ddp else built[m]["dmp"], kjts, grads)
+                         for m in args.methods}
                 times = time_interleaved(steps, args.warmup, args.repeats) if args.interleave else \
                     {m: {ph: time_it(fn, args.warmup, args.repeats) for ph, fn in steps[m].items()} for m in steps}
                 for method in args.methods:
@@ -376,7 +380,9 @@ def markdown(results: Dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"# Embedding-stage benchmark ({results['date_utc']})", "",
              f"CPU: {m.get('lscpu Model name')} ({m.get('lscpu CPU(s)')} logical CPUs, L3 {m.get('lscpu L3 cache')}), "
-             f"torch {m['torch']} ({m['torch_threads']} threads), fbgemm_gpu {m.get('fbgemm_gpu')}, "
+             f"torch {m['torch']} ({results['args'].get('threads') or m['torch_threads']} threads"
+             f"{', methods interleaved per step' if results['args'].get('interleave') else ''}"
+             f"{', sharded modules called directly (--no-ddp)' if results['args'].get('no_ddp') else ''}), fbgemm_gpu {m.get('fbgemm_gpu')}, "
              f"torchrec {m.get('torchrec')}; load average at start {m.get('loadavg_at_start')}, "
              f"at end {results.get('loadavg_at_end')}.",
              f"STREAM-style copy bandwidth: **{results['stream']['median_gbs']:.2f} GB/s** median "
@@ -451,6 +457,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stream-repeats", type=int, default=10)
     p.add_argument("--no-interleave", dest="interleave", action="store_false",
                    help="time each method's whole series in turn (default: round-robin over methods per step)")
+    p.add_argument("--no-ddp", action="store_true",
+                   help="time dmp.module (the sharded modules) instead of the DMP wrapper: skips the DDP wrapper "
+                        "around data-parallel tables (MEM-REC's weight table), which clones the [B, F*dim] output "
+                        "(in training it only clones the logits)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's); 1 keeps timings stable when another job "
                         "holds one of a 2-core machine's cores (2-thread OpenMP regions then stall on the busy core)")
