@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1: stable on a shared 2-core VM)")
     p.add_argument("--dist", default="zipf", choices=("zipf", "uniform"))
     p.add_argument("--no-by-shape", dest="by_shape", action="store_false")
+    p.add_argument("--no-ddp", action="store_true", help="profile dmp.module, as embedding_stage.py --no-ddp")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +57,8 @@ def main() -> None:
         kind, opts = method_options(method, "tb", args.dim, None)
         dmp, _, _ = build_dmp(kind, opts, ctx, lr=0.01)
         touch(dmp)
+        if args.no_ddp:
+            dmp = dmp.module
         for phase in ("fwd", "train"):
             def step(i: int) -> None:
                 if phase == "fwd":
