@@ -8,7 +8,9 @@ Follows TorchRec's own wrappers around an inner EBC (``fp_embeddingbag.py``, ``m
 - ``compute``: turn the weight-row indices into learned weights (``layout.weigh``) on the
   model-parallel side, then the inner EBC's fbgemm TBE lookups (fused optimizer).
 - ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample
-  alpha) and ``0 * weight_table.sum()`` so every rank's DDP reducer sees the weight table.
+  alpha), and the weight table tied into the output's graph (:class:`_KeepInGraph`, a no-copy identity whose
+  backward gives the table a zero gradient) so every rank's DDP reducer sees it, also a rank that holds no
+  token shard.
 
 The weight table is a plain parameter of this module, not in ``sharded_parameter_names()``: DMP's DDP
 wrapper all-reduces its gradient. It is listed in ``shardable_parameters()`` so the planner counts
@@ -46,6 +48,23 @@ from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
 
 TOKEN_EBC = "token_ebc"
+
+
+class _KeepInGraph(torch.autograd.Function):
+    """``values`` unchanged (no copy), with ``weight`` as an input of the graph; backward: ``weight`` gets zeros.
+
+    Same values and gradients as ``values + 0 * weight.sum()`` (bar a NaN/inf weight, which that sum would
+    spread into every output), without its pass over the whole ``[B, F * dim]`` output (an add in forward,
+    a full reduction of the output gradient in backward: on CPU as costly as the token lookup itself)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight_shape = weight.shape  # type: ignore[attr-defined]
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        return grad, grad.new_zeros(ctx.weight_shape)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -104,7 +123,6 @@ class ShardedMemRecEmbeddingBag(
         token_salts, weight_salts = self._layout.salts()
         self.register_buffer("token_salts", token_salts.to(device), persistent=False)
         self.register_buffer("weight_salts", weight_salts.to(device), persistent=False)
-        self.register_buffer("_no_op_zero", torch.zeros(1, device=device), persistent=False)
 
     # ---- the pipelined steps ------------------------------------------------------------------
     def input_dist(self, ctx: MemRecContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
@@ -132,7 +150,7 @@ class ShardedMemRecEmbeddingBag(
     def _finish(self, kt: KeyedTensor, aux: MemRecAux) -> KeyedTensor:
         kt = self._layout.finish(kt, aux, self.weight_table)
         # keeps the replicated weight table in every rank's graph (DDP expects its gradient)
-        return with_values(kt, kt.values() + self._no_op_zero * self.weight_table.sum())
+        return with_values(kt, _KeepInGraph.apply(kt.values(), self.weight_table))
 
     # ---- ShardedModule plumbing ---------------------------------------------------------------
     def create_context(self) -> MemRecContext:

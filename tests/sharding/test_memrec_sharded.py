@@ -278,3 +278,17 @@ def test_sharder_exposes_weight_table_and_rejects_a_non_replicated_plan() -> Non
         _check_plan(plan, ["memrec_tokens"], "memrec_weights")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="lacks"):
         _check_plan({}, ["memrec_tokens"], "memrec_weights")
+
+
+def test_keep_in_graph_ties_the_weight_table_without_touching_the_output() -> None:
+    """The output is the lookup result itself (no copy, no add); the weight table gets a zero gradient (DDP)."""
+    from sharding.memrec import _KeepInGraph
+
+    values = torch.randn(4, 6, requires_grad=True)
+    weight = torch.randn(5, 1, requires_grad=True)
+    out = _KeepInGraph.apply(values, weight)
+    assert out.data_ptr() == values.data_ptr() and torch.equal(out, values)
+    g = torch.randn(4, 6)
+    out.backward(g)
+    assert torch.equal(values.grad, g)
+    assert weight.grad is not None and torch.equal(weight.grad, torch.zeros(5, 1))
