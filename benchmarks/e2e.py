@@ -108,8 +108,11 @@ class RssPoller(threading.Thread):
             self.stop.wait(self.period)
 
 
+EXTRA: List[str] = []  # --override values, appended to every run's overrides
+
+
 def overrides_for(method: str, run_dir: Path, steps: int) -> List[str]:
-    out = [f"training.max_steps={steps}", "training.evals_per_epoch=0", "training.final_test=false",
+    out = [*EXTRA, f"training.max_steps={steps}", "training.evals_per_epoch=0", "training.final_test=false",
            "training.progress_bar=false", "training.mlperf_log=false", f"training.run_dir={run_dir}"]
     if method.endswith(FUSED):
         out.append("embeddings.options.hash_backend=fused")
@@ -203,7 +206,9 @@ def markdown(results: Dict[str, Any]) -> str:
     lines = [f"# End-to-end training, {results['nproc']} ranks (gloo, CPU) ({results['date_utc']})", "",
              f"Machine: {results['machine']}. Load average at start {results['loadavg_start']}, at end "
              f"{results['loadavg_end']}. {results['steps']} steps per rank, global batch "
-             f"{results['runs'][0].get('global_batch')} (configs/*_small.yaml on data/synthetic-small).", "",
+             f"{results['runs'][0].get('global_batch')} (configs/*_small.yaml on data/synthetic-small)."
+             + (f" Every method with: `{' '.join(results.get('extra_overrides', []))}`." if results.get("extra_overrides")
+                else ""), "",
              "| method | memory (x smaller) | samples/s | step ms | x full | peak RSS rank 0 / 1 (MiB) | peak anon RSS "
              "rank 0 / 1 (MiB) | id transform ms (share of step) | load start / end |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -236,6 +241,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--transform-repeats", type=int, default=5)
     p.add_argument("--runs-root", default="/tmp/e2e_runs")
     p.add_argument("--out", default="benchmarks/results/e2e")
+    p.add_argument("--override", action="append", default=[],
+                   help="section.key=value added to every method's config (repeatable), e.g. Kaggle table sizes")
+    p.add_argument("--kaggle-sizes", action="store_true",
+                   help="every method at the Criteo Kaggle table sizes (configs/criteo_kaggle.yaml; 33.8M rows)")
     return p.parse_args(argv)
 
 
@@ -243,10 +252,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import platform
 
     args = parse(argv)
+    EXTRA[:] = list(args.override)
+    if args.kaggle_sizes:
+        import yaml
+
+        sizes = yaml.safe_load((REPO / "configs" / "criteo_kaggle.yaml").read_text())["embeddings"][
+            "num_embeddings_per_feature"]
+        EXTRA.append(f"embeddings.num_embeddings_per_feature={sizes}")
     Path(args.runs_root).mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     results: Dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": args.nproc,
-                               "steps": args.steps, "args": vars(args), "loadavg_start": os.getloadavg(),
+                               "steps": args.steps, "args": vars(args), "extra_overrides": list(EXTRA), "loadavg_start": os.getloadavg(),
                                "machine": f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}, "
                                           f"torch {torch.__version__}", "runs": [], "rounds": []}
     per_round: List[List[Dict[str, Any]]] = []
