@@ -136,3 +136,19 @@ def test_on_nonfinite_skip_needs_checkpoints() -> None:
         load_config(REPO / "configs" / PRESET, ["training.on_nonfinite=skip"])
     with pytest.raises(Exception, match="resume must be one of"):
         load_config(REPO / "configs" / PRESET, ["training.resume=sometimes"])
+
+
+def test_bad_row_in_the_validation_split_saves_the_training_state_first(tiny_dataset: Path, tmp_path: Path) -> None:
+    data = _copy_dataset(tiny_dataset, tmp_path / "data")
+    dense = data / "day_3_dense.npy"  # the eval day: its first half is the validation split
+    bad = np.load(dense)
+    bad[100, 5] = np.inf
+    np.save(dense, bad)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data, run) + ["embeddings.options.num_token_rows=2000", "training.evals_per_epoch=2",
+                                             "training.max_steps=20"]  # no checkpoint_every: saved anyway
+    with pytest.raises(RuntimeError, match=r"DataError: val data failed at val batch 0 after training step 10 "
+                                           r"\(checkpoint written at step 10\).*day_3_dense.npy: row 100 column 5"):
+        run_multiprocess(_train, 2, args=(overrides,))
+    meta = read_metadata(latest_checkpoint(run))
+    assert (meta["step"], meta["evals"]) == (10, [])
