@@ -1,8 +1,11 @@
-"""Construction-time checks shared by every method; errors name ``embeddings.options.<field>``."""
+"""Checks shared by every method: options at construction (errors name ``embeddings.options.<field>``) and
+the KJTs of raw ids given to forward."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
+
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def where(name: str) -> str:
@@ -35,3 +38,19 @@ def check_layout_args(feature_names: Sequence[str], embedding_dim: Any, table_pr
     if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
     return names
+
+
+def select_features(features: KeyedJaggedTensor, feature_names: List[str], method: str,
+                    weights_note: str = "") -> KeyedJaggedTensor:
+    """``features`` restricted to and ordered as ``feature_names`` (checks shape only): unweighted, no VBE."""
+    if features.weights_or_none() is not None:
+        raise ValueError(f"{method} takes unweighted KJTs of raw ids{weights_note}")
+    if features.variable_stride_per_key():
+        raise ValueError(f"{method} does not support variable batch size per feature (VBE) KJTs")
+    keys = features.keys()
+    if keys == feature_names:
+        return features
+    missing = [f for f in feature_names if f not in keys]
+    if missing:
+        raise ValueError(f"input KJT lacks features {missing} (has {keys})")
+    return features.permute([keys.index(f) for f in feature_names])

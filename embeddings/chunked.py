@@ -33,7 +33,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.checks import check_choice, check_int, check_layout_args, where  # noqa: F401 (re-exported)
+from embeddings.checks import check_choice, check_int, check_layout_args, select_features, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
 from embeddings.types import (
     MemoryReport,
@@ -153,17 +153,7 @@ class RemapLayout(abc.ABC):
     # ---- shared helpers ---------------------------------------------------------------------------
     def select_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` restricted to and ordered as this layout's features (checks shape only)."""
-        if features.weights_or_none() is not None:
-            raise ValueError(f"{self.method} takes unweighted KJTs of raw ids")
-        if features.variable_stride_per_key():
-            raise ValueError(f"{self.method} does not support variable batch size per feature (VBE) KJTs")
-        keys = features.keys()
-        if keys == self.feature_names:
-            return features
-        missing = [f for f in self.feature_names if f not in keys]
-        if missing:
-            raise ValueError(f"input KJT lacks features {missing} (has {keys})")
-        return features.permute([keys.index(f) for f in self.feature_names])
+        return select_features(features, self.feature_names, self.method)
 
     def cached(self, tag: str, values: List[int], device: torch.device) -> torch.Tensor:
         key = (tag, str(device), tuple(values))

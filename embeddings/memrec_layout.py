@@ -27,7 +27,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.checks import check_layout_args
+from embeddings.checks import check_layout_args, select_features
 from embeddings.hashing import hash_salt, identity_to_range, salted_hash
 from embeddings.memrec_options import MemRecOptions
 
@@ -163,17 +163,8 @@ class MemRecLayout(abc.ABC):
 
     def select_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``features`` restricted to and ordered as this module's features (checks shape only)."""
-        if features.weights_or_none() is not None:
-            raise ValueError("MEM-REC takes unweighted KJTs of raw ids (its KJT weights carry weight rows)")
-        if features.variable_stride_per_key():
-            raise ValueError("MEM-REC does not support variable batch size per feature (VBE) KJTs")
-        keys = features.keys()
-        if keys == self.feature_names:
-            return features
-        missing = [f for f in self.feature_names if f not in keys]
-        if missing:
-            raise ValueError(f"input KJT lacks features {missing} (has {keys})")
-        return features.permute([keys.index(f) for f in self.feature_names])
+        return select_features(features, self.feature_names, "MEM-REC",
+                               " (its KJT weights carry weight rows)")
 
     def _cached(self, tag: str, keys: List[str], device: torch.device, values: List[int]) -> torch.Tensor:
         key = (f"{tag}@{device}", tuple(keys))
