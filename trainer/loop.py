@@ -186,7 +186,9 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
                        saved_at=position.step if loaded else -1)
     start = time.perf_counter()
 
-    def save(epoch: int) -> None:
+    def save() -> None:
+        """Checkpoint at ``state.step`` (the end of an epoch is recorded as the start of the next one)."""
+        epoch = state.step // steps_per_epoch
         at = checkpoint.TrainPosition(epoch, state.step, state.step - epoch * steps_per_epoch, state.evals,
                                       [list(b) for b in state.skipped])
         checkpoint.save_checkpoint(run_dir, model, optimizer, at, config, ctx, keep)
@@ -225,31 +227,32 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
                 state.train_time += time.perf_counter() - t0
                 state.step = epoch_start + first + guard.count  # batches consumed (skipped ones included)
                 if guard.failed:  # every batch before the bad one is trained: keep that state, then report
-                    save(epoch)
+                    save()
                     guard.raise_if_failed(f"at train batch {first + guard.count} of epoch {epoch} (checkpoint "
                                           f"written at step {state.step}; fix the data and --resume)")
                 if segment.evaluate:
                     epoch_fraction = state.step / steps_per_epoch
                     mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
-                    metrics = _guarded_eval("val", lambda: save(epoch))
+                    metrics = _guarded_eval("val")
                     metrics.update(step=state.step, epoch=epoch_fraction)
                     mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
                     mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
                     state.evals.append(metrics)
                     reporter.on_eval("val", state.step, metrics)
                 if segment.checkpoint:  # the pipeline is drained here; after the evaluation so it is recorded
-                    save(epoch)
+                    save()
                 target = config.training.target_auc
                 if segment.evaluate and target is not None and state.evals[-1]["auc"] >= target:
                     state.reached = True
                     break
             mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
 
-    def _guarded_eval(split: str, on_error: Callable[[], None]) -> Dict[str, float]:
+    def _guarded_eval(split: str) -> Dict[str, float]:
         guard = GuardedBatches(_batches(config, split, ctx, transform), ctx.device, split)
         metrics = evaluate(pipeline, model, guard, ctx)
         if guard.failed:  # evaluation changes no parameters: the training state so far is saved, then reported
-            on_error()
+            if state.saved_at != state.step:
+                save()
             guard.raise_if_failed(f"at {split} batch {guard.count} after training step {state.step} "
                                   f"(checkpoint written at step {state.step})")
         return metrics
@@ -278,7 +281,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     step, evals, reached = state.step, state.evals, state.reached
     train_time = state.train_time
     if every is not None and state.saved_at != step:
-        save(step // steps_per_epoch)
+        save()
     status = "success" if config.training.target_auc is None or reached else "aborted"
     mlperf.end("run_stop", metadata={"status": status})
     samples = step * global_batch
@@ -302,7 +305,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "skipped_batches": [list(b) for b in state.skipped],  # (epoch, batch) left out after a non-finite loss
     }
     if config.training.final_test:
-        result["test"] = _guarded_eval("test", lambda: None if state.saved_at == step else save(step // steps_per_epoch))
+        result["test"] = _guarded_eval("test")
         mlperf.event("test_accuracy", result["test"]["auc"])
     mlperf.close()
     reporter.finish(result)

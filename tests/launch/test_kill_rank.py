@@ -86,7 +86,6 @@ def test_killed_rank_restarts_and_resumes_to_the_uninterrupted_result(tiny_datas
         pid = _rank_pid(killed_run, 1)
         assert pid is not None, "rank 1's process not found"
         os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
         # the kill landed mid-run: the job had not finished
         assert not (killed_run / "metrics.json").exists()
         out, _ = job.communicate(timeout=600)
@@ -94,7 +93,6 @@ def test_killed_rank_restarts_and_resumes_to_the_uninterrupted_result(tiny_datas
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, out[-6000:]
-    assert time.monotonic() - killed_at > 0
     resumed = [line for line in out.splitlines() if "resumed from" in line]
     assert resumed, out[-6000:]
     step = int(resumed[0].split("step_")[1].split(":")[0])

@@ -126,8 +126,12 @@ def test_resume_auto_starts_fresh_then_continues(tiny_dataset: Path, tmp_path: P
         "training.checkpoint_every=2", "training.resume=auto"]
     (first,) = run_multiprocess(_train, 1, args=(overrides + ["training.max_steps=2"],))
     assert first["result"]["steps"] == 2 and first["result"]["samples_per_s"] > 0
+    first_dir = (run / "checkpoints" / "step_2").stat()
     (second,) = run_multiprocess(_train, 1, args=(overrides + ["training.max_steps=4"],))
     assert second["result"]["steps"] == 4
+    # continued from step 2: a fresh start would have written step_2 again (a new directory renamed into place)
+    again = (run / "checkpoints" / "step_2").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first_dir.st_ino, first_dir.st_mtime_ns)
     assert [p.name for p in list_checkpoints(run)] == ["step_2", "step_4"]
 
 
