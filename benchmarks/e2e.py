@@ -254,10 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse(argv)
     EXTRA[:] = list(args.override)
     if args.kaggle_sizes:
-        import yaml
+        from trainer.config import load_config
 
-        sizes = yaml.safe_load((REPO / "configs" / "criteo_kaggle.yaml").read_text())["embeddings"][
-            "num_embeddings_per_feature"]
+        sizes = load_config(REPO / "configs" / "criteo_kaggle.yaml").embeddings.num_embeddings_per_feature
         EXTRA.append(f"embeddings.num_embeddings_per_feature={sizes}")
     Path(args.runs_root).mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]

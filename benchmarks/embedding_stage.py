@@ -48,14 +48,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
 from embeddings.types import SparseArchContext, TopologyInfo
-from trainer.config import OptimizerConfig
+from trainer.config import OptimizerConfig, load_config
 from trainer.optim import apply_sparse_optimizer
 from trainer.strict import from_dict
 
-KAGGLE_ROWS = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-               5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
-TB_ROWS = [40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209, 11938,
-           155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_rows(preset: str) -> List[int]:
+    """The table sizes a preset trains with (one source of truth: the config files)."""
+    return list(load_config(CONFIGS / preset).embeddings.num_embeddings_per_feature or [])
+
+
+KAGGLE_ROWS = preset_rows("criteo_kaggle.yaml")
+TB_ROWS = preset_rows("criteo_tb_dlrmv2.yaml")  # MLPerf DLRMv2 row counts
 
 
 # ---------------------------------------------------------------------------------------------- data
