@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
