@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.fuzz_common import write_dataset
+from tests.data.common import write_dataset
 
 
 @pytest.fixture(scope="module")

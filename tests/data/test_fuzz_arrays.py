@@ -1,5 +1,5 @@
 """Fuzzing the data readers with malformed input, deterministically (seeded): the npy / npz / multi-hot cases
-(shared dataset and helpers: ``fuzz_common.py``, fixtures: ``conftest.py``).
+(shared dataset and helpers: ``common.py``, fixtures: ``conftest.py``).
 
 Valid small days (raw Criteo TSV, TorchRec npy, MLPerf multi-hot npz, a manifest) are mutated: truncated at
 random byte offsets (mid-row, mid-header, mid-zip), given wrong column counts, non-hex / non-integer / too
@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from tests.data.fuzz_common import INT64_MAX, SEED, DAYS, MH_SIZES, cfg
+from tests.data.common import INT64_MAX, SEED, DAYS, MH_SIZES, cfg
 from trainer.data.config import DataConfig
 from trainer.data.loader import count_rows, make_batches
 from trainer.data.multihot import MultiHotDay, MultiHotTables, multi_hot_spec

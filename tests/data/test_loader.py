@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.data.common import assert_same
 from trainer.data.config import DataConfig
 from trainer.data.loader import count_rows, feature_names, make_batches, pooling_factors, skip_report
 from trainer.data.types import Batch, dense_transform
@@ -74,17 +75,6 @@ def cat(batches: List[Batch]) -> Dict[str, Any]:
     for k in feature_names()[1]:
         out[k] = (torch.cat([j[k].values() for j in jts]), torch.cat([j[k].lengths().long() for j in jts]))
     return out
-
-
-def assert_same(a: Dict[str, Any], b: Dict[str, Any]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], tuple):
-            assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]), k
-        elif a[k] is None or b[k] is None:
-            assert a[k] is None and b[k] is None, k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -1,5 +1,5 @@
-"""Shared pieces of the reader fuzz tests (test_fuzz_tsv.py, test_fuzz_arrays.py): a small valid dataset in
-every format and helpers to parse, read and compare it."""
+"""Shared pieces of the data tests: the fuzz tests' small valid dataset in every format (test_fuzz_tsv.py,
+test_fuzz_arrays.py) and helpers to parse, read and compare batches (also test_loader.py)."""
 
 from __future__ import annotations
 
@@ -79,15 +79,19 @@ def batch_data(batch: Batch) -> Dict[str, Any]:
     return out
 
 
+def assert_same(a: Dict[str, Any], b: Dict[str, Any]) -> None:
+    """Two dicts of tensors / (values, lengths) pairs / None are equal, key by key."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], tuple):
+            assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]), k
+        elif a[k] is None or b[k] is None:
+            assert a[k] is None and b[k] is None, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
 def assert_same_batches(got: Sequence[Batch], expected: Sequence[Batch]) -> None:
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
-        a, b = batch_data(g), batch_data(e)
-        assert a.keys() == b.keys()
-        for k in a:
-            if isinstance(a[k], tuple):
-                assert torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]), k
-            elif a[k] is None or b[k] is None:
-                assert a[k] is None and b[k] is None, k
-            else:
-                assert torch.equal(a[k], b[k]), k
+        assert_same(batch_data(g), batch_data(e))
