@@ -35,6 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.checks import check_choice, check_int, check_layout_args, select_features, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
+from embeddings.hot_rows import HotLookup, HotSet
 from embeddings.types import (
     MemoryReport,
     SparseArchContext,
@@ -106,6 +107,7 @@ class RemapLayout(abc.ABC):
         self.table_prefix = table_prefix
         self._index = {f: i for i, f in enumerate(names)}
         self._cache: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        self.hot = HotLookup(HotSet.empty(names))  # hot rows (embeddings.hot_rows); none unless a method sets them
 
     @abc.abstractmethod
     def inner_configs(self) -> List[EmbeddingBagConfig]:
@@ -121,8 +123,20 @@ class RemapLayout(abc.ABC):
         """Inner table name -> lookups per sample of each of its features, from raw ids per sample."""
 
     def buffers(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """Replicated, non-persistent buffers (salts, dictionaries) on ``device`` (shapes only on ``meta``)."""
+        """The method's replicated, non-persistent buffers (salts, dictionaries) on ``device`` (shapes only on
+        ``meta``); the hot-row lookup's buffers come on top (:meth:`all_buffers`)."""
         return {}
+
+    def set_hot(self, hot: HotSet) -> None:
+        """Give ``hot``'s values exact rows of their own, appended after the method's rows (each layout's
+        ``expand`` places them; an empty set leaves the layout as it was)."""
+        if list(hot.feature_names) != self.feature_names:
+            raise ValueError(f"hot set features {list(hot.feature_names)} differ from the layout's {self.feature_names}")
+        self.hot = HotLookup(hot)
+
+    def all_buffers(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """Every buffer a module of this layout keeps: the method's and the hot-row lookup's."""
+        return {**self.buffers(device), **self.hot.buffers(device)}
 
     @abc.abstractmethod
     def expand(self, features: KeyedJaggedTensor, buffers: Mapping[str, torch.Tensor],
@@ -184,7 +198,7 @@ class RemappedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.pooling_factors: List[float] = factors
         self.ebc = EmbeddingBagCollection(tables=layout.inner_configs(), device=device)
         self._buffer_names: List[str] = []
-        for name, tensor in layout.buffers(device).items():
+        for name, tensor in layout.all_buffers(device).items():
             self.register_buffer(name, tensor, persistent=False)
             self._buffer_names.append(name)
 

@@ -5,6 +5,12 @@ Row of raw id ``x`` of feature ``f`` (index in the feature list): ``hash_to_rang
 full table (at least 1 row), or ``num_rows`` for every feature. ``hash: identity`` takes ``x mod rows_f``
 instead (MLPerf v1's id capping; with ``rows_f`` >= the id range the module is exactly an
 EmbeddingBagCollection). Lookups are one pooled TBE lookup per id, as in a full table.
+
+With ``budget`` (``embeddings.budget``) the tables are sized from bytes: ``hot_share`` of the budget buys hot rows
+(``embeddings.hot_rows``), appended to their feature's table after its ``rows_f`` hashed rows (hot value ``i`` of
+feature ``f`` is row ``rows_f + i``); the rest of the budget, less the buffers, is split into hashed rows in
+proportion to each feature's full rows not covered by hot rows (at least 1 each). With every training value hot
+and ``rows_f = 1``, this is the full table with a vocabulary (``full`` with ``ids: vocabulary``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
+from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.chunked import (
     DEFAULT_MEMORY_FRACTION,
     POOLINGS,
@@ -34,11 +41,12 @@ from embeddings.chunked import (
     wrap_of,
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
+from embeddings.hot_rows import HotLookup, hot_bytes
 from embeddings.types import SparseArchContext
 
 
 @dataclass
-class HashOptions:
+class HashOptions(BudgetOptions):
     """Hashing-trick options.
 
     - ``memory_fraction``: rows of each table / rows of the feature's full table (default 1/16 when
@@ -49,6 +57,8 @@ class HashOptions:
     - ``hash``: "mix" (pinned splitmix64 hash) or "identity" (``id mod rows``).
     - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
       first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
+    - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
+      replaces ``memory_fraction`` / ``num_rows``).
     """
 
     memory_fraction: Optional[float] = None
@@ -64,6 +74,9 @@ class HashOptions:
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash", self.hash, ("mix", "identity"))
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
+        self.check_budget()
+        if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
+            raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
 
 
 class HashLayout(RemapLayout):
@@ -74,21 +87,34 @@ class HashLayout(RemapLayout):
     def __init__(self, ctx: SparseArchContext, options: HashOptions, table_prefix: str = "hash") -> None:
         super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
         self.options = options
-        if options.num_rows is not None:
+        if options.budget is not None:
+            self.rows = self._budget_rows(ctx, options)
+        elif options.num_rows is not None:
             self.rows = [options.num_rows] * len(self.feature_names)
         else:
             fraction = DEFAULT_MEMORY_FRACTION if options.memory_fraction is None else options.memory_fraction
             self.rows = [sized_rows(int(n), fraction, 1, 1) for n in ctx.num_embeddings_per_feature]
+
+    def _budget_rows(self, ctx: SparseArchContext, options: HashOptions) -> List[int]:
+        """Hashed rows per feature from the byte budget (sets the hot set first)."""
+        assert options.budget is not None
+        row_bytes = self.embedding_dim * FLOAT_BYTES
+        hot = select_hot(ctx, options, row_bytes)
+        self.hot = HotLookup(hot)
+        fixed = 3 * 8 * len(self.feature_names) + hot_bytes(hot) + hot.total * row_bytes  # salts, rows, wrap
+        tail = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers") // row_bytes
+        left = [max(0, int(n) - h) for n, h in zip(ctx.num_embeddings_per_feature, hot.sizes())]
+        return split_rows(tail, left, "the hashed tables")
 
     def table_name(self, feature: str) -> str:
         return f"{self.table_prefix}_{feature}"
 
     def inner_configs(self) -> List[EmbeddingBagConfig]:
         return [
-            EmbeddingBagConfig(name=self.table_name(f), embedding_dim=self.embedding_dim, num_embeddings=rows,
+            EmbeddingBagConfig(name=self.table_name(f), embedding_dim=self.embedding_dim, num_embeddings=rows + hot,
                                feature_names=[f], pooling=pooling_type(self.options.pooling),
-                               init_fn=uniform_init(rows))
-            for f, rows in zip(self.feature_names, self.rows)
+                               init_fn=uniform_init(rows + hot))
+            for f, rows, hot in zip(self.feature_names, self.rows, self.hot.sizes)
         ]
 
     def logical_configs(self) -> List[EmbeddingBagConfig]:
@@ -113,6 +139,9 @@ class HashLayout(RemapLayout):
         else:
             mapped = salted_hash(values, feature_of_value, buffers["hash_salts"], rows=buffers["hash_rows"],
                                  wrap=buffers["hash_wrap"], backend=self.options.hash_backend)
+        if self.hot.total:  # hot value i of feature f: row rows_f + i
+            hit, index = self.hot.lookup(values, feature_of_value, buffers)
+            mapped = torch.where(hit, buffers["hash_rows"][feature_of_value] + index, mapped)
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=mapped, lengths=features.lengths(),
                                 stride=features.stride())
         return kjt, None

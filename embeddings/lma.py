@@ -13,6 +13,9 @@ derives each indexed value's C int32 rows for the configured memory size; it kee
 value keys as replicated buffers - ``V * (8 + 4 C)`` bytes, counted in the memory report - and looks ids up
 with a binary search. **Fallback**: a value not in the index (never sampled, or below ``min_count``) gets
 ROBE's random addresses ``hash_to_range(x, f, seed, c, rows)``, so any int64 id works.
+
+With hot rows (``budget`` + ``hot_share``, ``embeddings.robe``), hot values take their exact rows and are left out
+of the dictionary (their entries would never be read), which the budget then spends on the shared array.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from embeddings import registry
+from embeddings.budget import budget_bytes
 from embeddings.chunked import (
     RemappedEmbeddingBagCollection,
     check_int,
@@ -32,7 +37,8 @@ from embeddings.chunked import (
 )
 from embeddings.hashing import salted_hash
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
-from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts
+from embeddings.hot_rows import HotSet
+from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts, value_keys
 from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
 from embeddings.types import SparseArchContext
 
@@ -49,12 +55,16 @@ class LmaOptions(ChunkedOptions):
     - ``sample_rows``: training rows the index samples (the paper's 125,000), capped by the data size.
     - ``min_count``: index only values occurring in at least this many sampled rows (the rest use the
       random fallback; a larger value shrinks the dictionary counted in the memory report).
+    - ``dictionary_share``: with ``budget``, the dictionary keeps at most this share of the budget: the index's
+      most frequent values first (the others use the random fallback). Null = the whole index (an error if it
+      does not fit).
     """
 
     num_hashes: int = 2
     index_path: Optional[str] = None
     sample_rows: int = 125_000
     min_count: int = 1
+    dictionary_share: Optional[float] = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,20 +73,52 @@ class LmaOptions(ChunkedOptions):
         check_int("min_count", self.min_count, 1)
         if self.index_path is not None and (not isinstance(self.index_path, str) or not self.index_path):
             raise ValueError(f"{where('index_path')} must be a non-empty path or null, got {self.index_path!r}")
+        if self.dictionary_share is not None and not (isinstance(self.dictionary_share, (int, float))
+                                                      and not isinstance(self.dictionary_share, bool)
+                                                      and 0.0 <= self.dictionary_share < 1.0):
+            raise ValueError(f"{where('dictionary_share')} must be in [0, 1) or null, got {self.dictionary_share!r}")
         if self.num_rows is not None and self.num_rows > MAX_ROWS:
             raise ValueError(f"{where('num_rows')} must be <= {MAX_ROWS} (rows are kept as int32), got {self.num_rows}")
 
 
-class MinhashChunkAddresser(ChunkAddresser):
-    """Indexed values: rows from their minhash signatures; others: ROBE's random rows."""
+def hot_value_keys(hot: HotSet) -> np.ndarray:
+    """The index keys of every hot value (``embeddings.lma_minhash.value_keys``)."""
+    parts = [value_keys(torch.from_numpy(v), torch.full((v.size,), f, dtype=torch.int64)).numpy()
+             for f, v in enumerate(hot.values) if v.size]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
-    def __init__(self, path: str, header: IndexHeader, num_hashes: int, seed: int) -> None:
+
+def kept_entries(path: str, hot: HotSet, limit: Optional[int] = None) -> np.ndarray:
+    """Mask of the index entries the dictionary keeps: all but the hot values', and of those at most
+    ``limit``, the most frequent in the sampled rows first (ties: smaller key)."""
+    from embeddings.lma_index import load_keys_and_counts
+
+    keys, counts = load_keys_and_counts(path)
+    keep = ~np.isin(keys, hot_value_keys(hot)) if hot.total else np.ones(keys.size, dtype=bool)
+    if limit is not None and int(keep.sum()) > limit:
+        candidates = np.flatnonzero(keep)
+        order = np.lexsort((keys[candidates], -counts[candidates].astype(np.int64)))
+        keep = np.zeros(keys.size, dtype=bool)
+        keep[candidates[order[:limit]]] = True
+    return keep
+
+
+class MinhashChunkAddresser(ChunkAddresser):
+    """Indexed values: rows from their minhash signatures; others: ROBE's random rows. ``keep`` masks the
+    index entries kept in the dictionary (all but hot values')."""
+
+    def __init__(self, path: str, header: IndexHeader, num_hashes: int, seed: int, keep: np.ndarray) -> None:
         self.path = path
         self.header = header
         self.num_hashes = num_hashes
         self.seed = seed
+        self.keep = keep
         self.fallback = RandomChunkAddresser(seed)
         self._rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.keep.sum())
 
     def index_rows(self, layout: ChunkLayout) -> Tuple[torch.Tensor, torch.Tensor]:
         """(sorted keys [V] int64, rows [V, C] int32) for ``layout``'s memory size, on CPU (computed once)."""
@@ -84,18 +126,20 @@ class MinhashChunkAddresser(ChunkAddresser):
             index = load_index(self.path)
             check_header(index.header, self.path, seed=self.seed, num_chunks=layout.num_chunks,
                          num_hashes=self.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
-            features = torch.from_numpy(index.features.astype("int64"))
+            keep = self.keep
+            features = torch.from_numpy(index.features[keep].astype("int64"))
             rows = torch.tensor(layout.feature_rows(), dtype=torch.int64)[features]
             wrap = torch.tensor(wrap_of(layout.feature_rows()), dtype=torch.int64)[features]
-            addresses = chunk_addresses(torch.from_numpy(index.signatures), self.num_hashes, self.seed, rows, wrap)
-            self._rows = (torch.from_numpy(index.keys), addresses.to(torch.int32))
+            addresses = chunk_addresses(torch.from_numpy(index.signatures[keep]), self.num_hashes, self.seed, rows,
+                                        wrap)
+            self._rows = (torch.from_numpy(index.keys[keep]), addresses.to(torch.int32))
         return self._rows
 
     def buffers(self, layout: ChunkLayout, device: torch.device) -> Dict[str, torch.Tensor]:
         out = self.fallback.buffers(layout, device)
         out["lma_key_salts"] = key_salts(len(layout.feature_names)).to(device)
         if device.type == "meta":  # planning: shapes from the header, nothing read
-            count = self.header.values_covered
+            count = self.num_entries
             out["lma_index_keys"] = torch.empty(count, dtype=torch.int64, device=device)
             out["lma_index_rows"] = torch.empty(count, layout.num_chunks, dtype=torch.int32, device=device)
         else:
@@ -125,15 +169,28 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         if options.index_path is None:
             raise ValueError(f"{where('index_path')} is not set: LMA needs the minhash index of the training data; "
                              f"build it with `{BUILD_COMMAND}` and set {where('index_path')} to its path")
-        layout = ChunkLayout(ctx, options, table_prefix, method="lma")
+        header = read_header(options.index_path)
+        keep: Dict[str, np.ndarray] = {}
+
+        def dictionary_bytes(hot: HotSet) -> int:  # the budget counts the dictionary before sizing the array
+            entry = 8 + 4 * header.num_chunks
+            limit = None
+            if options.budget is not None and options.dictionary_share is not None:
+                limit = int(options.dictionary_share * budget_bytes(ctx, options.budget)) // entry
+            keep["mask"] = kept_entries(options.index_path, hot, limit)  # type: ignore[arg-type]
+            return 8 * len(ctx.feature_names) + int(keep["mask"].sum()) * entry
+
+        layout = ChunkLayout(ctx, options, table_prefix, method="lma", extra_bytes=dictionary_bytes)
+        if "mask" not in keep:  # sized without a budget: the whole index
+            keep["mask"] = np.ones(header.values_covered, dtype=bool)
         too_big = [r for r in layout.rows_per_group if r > MAX_ROWS]
         if too_big:
             raise ValueError(f"LMA tables of {too_big} rows exceed {MAX_ROWS} (rows are kept as int32); lower "
                              f"{where('memory_fraction')} or raise {where('chunk_size')}")
-        header = read_header(options.index_path)
         check_header(header, options.index_path, seed=options.seed, num_chunks=layout.num_chunks,
                      num_hashes=options.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
-        layout.addresser = MinhashChunkAddresser(options.index_path, header, options.num_hashes, options.seed)
+        layout.addresser = MinhashChunkAddresser(options.index_path, header, options.num_hashes, options.seed,
+                                                 keep["mask"])
         super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 

@@ -23,7 +23,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -128,6 +128,19 @@ def read_header(path: str | Path) -> IndexHeader:
     """The header alone (the arrays are not read)."""
     with _open(path) as archive:
         return _header(archive, path)
+
+
+def load_keys_and_counts(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
+    """The sorted value keys and their sample counts alone (for sizing the dictionary without the signatures)."""
+    with _open(path) as archive:
+        _header(archive, path)
+        missing = [name for name in ("keys", "counts") if name not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: LMA index lacks arrays {missing}")
+        keys, counts = archive["keys"], archive["counts"]
+    if keys.dtype != np.int64 or keys.ndim != 1 or counts.shape != keys.shape:
+        raise ValueError(f"invalid LMA index {path}: keys must be int64 [V] with one count each")
+    return keys, counts
 
 
 def load_index(path: str | Path) -> LmaIndex:

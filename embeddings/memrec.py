@@ -11,7 +11,8 @@ data_parallel on the dense kernel (it is replicated and all-reduced by DDP).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -19,6 +20,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
 from embeddings import registry
+from embeddings.budget import FLOAT_BYTES, budget_bytes, remaining, select_hot
+from embeddings.hot_rows import HotSet, hot_bytes
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_options import MemRecOptions
 from embeddings.memrec_per_sample import MemRecPerSampleDLRM, MemRecPerSampleEmbeddingBag
@@ -47,16 +50,38 @@ __all__ = [
 ]
 
 
+def size_from_budget(ctx: SparseArchContext, options: MemRecOptions) -> Tuple[MemRecOptions, Optional[HotSet]]:
+    """Options with D = dw resolved from ``options.budget`` (unchanged without one), and the hot set.
+
+    A hot value costs its token row, its own weight and its lookup key; every hashed token row comes with one
+    weight row (dw = D); the salts are counted too. With one table per feature, each gets the same D.
+    """
+    if options.budget is None:
+        return options, None
+    row_bytes = ctx.embedding_dim * FLOAT_BYTES
+    hot = select_hot(ctx, options, row_bytes + FLOAT_BYTES)
+    count = len(ctx.feature_names)
+    salts = 8 * count * (options.num_token_hashes + options.num_weight_hashes)
+    fixed = salts + hot_bytes(hot) + hot.total * (row_bytes + FLOAT_BYTES)
+    left = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and salts")
+    tables = 1 if options.shared_tables else count
+    rows = left // (tables * (row_bytes + FLOAT_BYTES))
+    if rows < 1:
+        raise ValueError(f"embeddings.options.budget leaves {left:,} B for {tables} token table(s) of "
+                         f"{row_bytes + FLOAT_BYTES} B per row (with its weight): not one row; raise the budget")
+    # the module gets explicit sizes (the budget is spent) and the hot set
+    return dataclasses.replace(options, budget=None, hot_share=0.0, num_token_rows=int(rows),
+                               num_weight_rows=int(rows)), hot
+
+
 def build(ctx: SparseArchContext, options: MemRecOptions) -> nn.Module:
-    module_type = MemRecPerSampleEmbeddingBag if options.granularity == "per_sample" else MemRecEmbeddingBagCollection
+    options, hot = size_from_budget(ctx, options)
     pooling_factors = ctx.all_pooling_factors()
-    return module_type(
-        feature_names=list(ctx.feature_names),
-        embedding_dim=ctx.embedding_dim,
-        options=options,
-        device=ctx.device,
-        pooling_factors=pooling_factors,
-    )
+    if options.granularity == "per_sample":
+        return MemRecPerSampleEmbeddingBag(feature_names=list(ctx.feature_names), embedding_dim=ctx.embedding_dim,
+                                           options=options, device=ctx.device, pooling_factors=pooling_factors)
+    return MemRecEmbeddingBagCollection(feature_names=list(ctx.feature_names), embedding_dim=ctx.embedding_dim,
+                                        options=options, device=ctx.device, pooling_factors=pooling_factors, hot=hot)
 
 
 def sharders(options: MemRecOptions) -> List[ModuleSharder[nn.Module]]:

@@ -21,7 +21,7 @@ import abc
 import math
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -29,7 +29,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.checks import check_layout_args, select_features
 from embeddings.hashing import hash_salt, identity_to_range, salted_hash
-from embeddings.memrec_options import MemRecOptions
+from embeddings.hot_rows import HotLookup, HotSet
+from embeddings.memrec_options import MAX_WEIGHT_ROWS, MemRecOptions
 
 
 @dataclass
@@ -81,7 +82,7 @@ def init_weight_table(table: torch.Tensor, options: MemRecOptions) -> None:
         if options.weight_init == "ones":
             table.fill_(1.0)
         else:
-            bound = math.sqrt(1.0 / options.num_weight_rows)
+            bound = math.sqrt(1.0 / options.weight_rows)
             table.uniform_(-bound, bound)
 
 
@@ -100,6 +101,19 @@ class MemRecLayout(abc.ABC):
         self.table_prefix = table_prefix
         self._feature_index: Dict[str, int] = {f: i for i, f in enumerate(names)}
         self._device_cache: Dict[Tuple[str, Tuple[str, ...]], torch.Tensor] = {}
+        self.hot = HotLookup(HotSet.empty(names))
+
+    def set_hot(self, hot: HotSet) -> None:
+        """Give ``hot``'s values exact rows: after the D hashed rows of their token table, each with its own
+        weight after the hashed weight rows (see :class:`PerTokenLayout`)."""
+        if hot.total and not isinstance(self, PerTokenLayout):
+            raise ValueError("MEM-REC hot rows need granularity 'per_token'")
+        if list(hot.feature_names) != self.feature_names:
+            raise ValueError(f"hot set features {list(hot.feature_names)} differ from the layout's {self.feature_names}")
+        self.hot = HotLookup(hot)
+        if self.weight_table_rows > MAX_WEIGHT_ROWS:
+            raise ValueError(f"MEM-REC weight rows (hashed + one per hot value) {self.weight_table_rows} exceed 2**24 "
+                             "(a weight row travels as a float32 KJT weight); lower hot_share or num_weight_rows")
 
     # ---- tables -------------------------------------------------------------------------------
     @property
@@ -112,20 +126,20 @@ class MemRecLayout(abc.ABC):
 
     @property
     def weight_table_rows(self) -> int:
-        """Rows of the single weight parameter: the per-feature dw x 1 tables are stacked."""
-        return self.num_weight_tables * self.options.num_weight_rows
+        """Rows of the single weight parameter: the per-feature dw x 1 tables stacked, then one per hot value."""
+        return self.num_weight_tables * self.options.weight_rows + self.hot.total
 
     def token_init_fn(self) -> partial:
-        bound = math.sqrt(1.0 / self.options.num_token_rows)
+        bound = math.sqrt(1.0 / self.options.token_rows)
         if self.options.token_init == "normal":
             return partial(torch.nn.init.normal_, mean=0.0, std=bound)
         return partial(torch.nn.init.uniform_, a=-bound, b=bound)
 
-    def _token_config(self, name: str, features: List[str]) -> EmbeddingBagConfig:
+    def _token_config(self, name: str, features: List[str], hot_rows: int = 0) -> EmbeddingBagConfig:
         return EmbeddingBagConfig(
             name=name,
             embedding_dim=self.embedding_dim,
-            num_embeddings=self.options.num_token_rows,
+            num_embeddings=self.options.token_rows + hot_rows,
             feature_names=features,
             pooling=PoolingType.SUM,  # MEAN is applied by ``finish`` with the original id counts
             init_fn=self.token_init_fn(),
@@ -176,15 +190,17 @@ class MemRecLayout(abc.ABC):
 
     def weight_row_offsets(self, keys: List[str], device: torch.device) -> torch.Tensor:
         """Start row, in the stacked weight parameter, of each key's dw x 1 table."""
-        dw = self.options.num_weight_rows
+        dw = self.options.weight_rows
         return self._cached("weight_offsets", keys, device, [self._feature_index[k] * dw for k in keys])
 
     # ---- the three steps ----------------------------------------------------------------------
     @abc.abstractmethod
     def expand(
-        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor
+        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor,
+        hot_buffers: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> Tuple[KeyedJaggedTensor, MemRecAux]:
-        """Raw-id KJT -> inner-EBC KJT and aux (call under ``torch.no_grad()``)."""
+        """Raw-id KJT -> inner-EBC KJT and aux (call under ``torch.no_grad()``); ``hot_buffers``: the
+        hot-row lookup's buffers (``self.hot.buffers``), needed when there are hot rows."""
 
     @abc.abstractmethod
     def weigh(self, kjt: KeyedJaggedTensor, weight_table: torch.Tensor) -> KeyedJaggedTensor:
@@ -200,6 +216,10 @@ class PerTokenLayout(MemRecLayout):
 
     Each raw id becomes K * kw (token row, weight row) pairs; the weight row rides in the KJT weights
     as float32 and is gathered into a learned weight by :meth:`weigh`.
+
+    Hot value ``i`` of feature ``f`` (``embeddings.hot_rows``) becomes one pair instead: token row
+    ``D + s_f + i`` (``s_f`` = hot values of earlier features with one shared table, else 0) and weight row
+    ``T * dw + start_f + i`` (after the T stacked hashed weight tables), so ``z = w_hot * M_hot``.
     """
 
     def token_table_name(self, feature: str) -> str:
@@ -209,8 +229,9 @@ class PerTokenLayout(MemRecLayout):
 
     def token_table_configs(self) -> List[EmbeddingBagConfig]:
         if self.options.shared_tables:
-            return [self._token_config(self.token_table_name(""), list(self.feature_names))]
-        return [self._token_config(self.token_table_name(f), [f]) for f in self.feature_names]
+            return [self._token_config(self.token_table_name(""), list(self.feature_names), self.hot.total)]
+        return [self._token_config(self.token_table_name(f), [f], hot)
+                for f, hot in zip(self.feature_names, self.hot.sizes)]
 
     @property
     def is_weighted(self) -> bool:
@@ -225,7 +246,8 @@ class PerTokenLayout(MemRecLayout):
         return out
 
     def expand(
-        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor
+        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor,
+        hot_buffers: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> Tuple[KeyedJaggedTensor, MemRecAux]:
         features = self.select_features(features)
         opts = self.options
@@ -236,20 +258,51 @@ class PerTokenLayout(MemRecLayout):
         counts = lengths.view(num_features, batch)  # raw ids per (feature, sample)
         features_arange = torch.arange(num_features, dtype=torch.int64, device=values.device)
         feature_of_value = torch.repeat_interleave(features_arange, counts.sum(1).to(torch.int64), output_size=n)
-        token_rows = self.hash_rows(values, feature_of_value, token_salts, opts.num_token_rows, token=True)
-        weight_rows = self.hash_rows(values, feature_of_value, weight_salts, opts.num_weight_rows, token=False)
+        token_rows = self.hash_rows(values, feature_of_value, token_salts, opts.token_rows, token=True)
+        weight_rows = self.hash_rows(values, feature_of_value, weight_salts, opts.weight_rows, token=False)
         k, kw = token_rows.shape[1], weight_rows.shape[1]
+        tokens = token_rows[:, :, None].expand(n, k, kw).reshape(n, k * kw)
+        weights = weight_rows[:, None, :].expand(n, k, kw).reshape(n, k * kw)
+        if self.hot.total:
+            if hot_buffers is None:
+                raise ValueError("MEM-REC with hot rows: expand needs the hot-row buffers")
+            tokens, weights, lengths = self._hot_pairs(values, feature_of_value, lengths, tokens, weights, hot_buffers)
         kjt = KeyedJaggedTensor(
             keys=list(self.feature_names),
-            values=token_rows[:, :, None].expand(n, k, kw).reshape(-1),
-            weights=weight_rows[:, None, :].expand(n, k, kw).reshape(-1).to(torch.float32),
-            lengths=lengths * (k * kw),
+            values=tokens.reshape(-1),
+            weights=weights.reshape(-1).to(torch.float32),
+            lengths=lengths if self.hot.total else lengths * (k * kw),
             stride=batch,
         )
         divisor = None
         if opts.pooling == "mean":
             divisor = counts.t().clamp(min=1).to(torch.float32)
         return kjt, MemRecAux(divisor=divisor)
+
+    def _hot_pairs(self, values: torch.Tensor, feature_of_value: torch.Tensor, lengths: torch.Tensor,
+                   tokens: torch.Tensor, weights: torch.Tensor, buffers: Mapping[str, torch.Tensor],
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hot ids' one pair (see the class doc) in place of their K * kw pairs; the bags' new lengths."""
+        hit, index = self.hot.lookup(values, feature_of_value, buffers)
+        starts = buffers["hot_starts"][feature_of_value]
+        global_index = starts + index
+        token = self.options.token_rows + (global_index if self.options.shared_tables else index)
+        # weigh() adds each key's weight-table offset (feature * dw) unless tables are shared
+        offset = 0 if self.options.shared_tables else feature_of_value * self.options.weight_rows
+        weight = self.num_weight_tables * self.options.weight_rows + global_index - offset
+        tokens = torch.cat([torch.where(hit, token, tokens[:, 0])[:, None], tokens[:, 1:]], dim=1)
+        weights = torch.cat([torch.where(hit, weight, weights[:, 0])[:, None], weights[:, 1:]], dim=1)
+        per_id = tokens.shape[1]
+        if per_id == 1:
+            return tokens, weights, lengths
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        keep[:, 1:] = ~hit[:, None]
+        pairs = torch.where(hit, 1, per_id)
+        bags = torch.arange(lengths.numel(), dtype=torch.int64, device=lengths.device)
+        bag_of_value = torch.repeat_interleave(bags, lengths.to(torch.int64), output_size=values.numel())
+        new_lengths = torch.zeros(lengths.numel(), dtype=torch.int64, device=lengths.device)
+        new_lengths.index_add_(0, bag_of_value, pairs)
+        return tokens[keep], weights[keep], new_lengths.to(lengths.dtype)
 
     def weigh(self, kjt: KeyedJaggedTensor, weight_table: torch.Tensor) -> KeyedJaggedTensor:
         rows = kjt.weights().to(torch.int64)

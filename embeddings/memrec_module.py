@@ -9,7 +9,7 @@ with one m-dim vector per (sample, feature), so it drops into ``torchrec.models.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.hot_rows import HotSet
 from embeddings.memrec_layout import MemRecLayout, PerTokenLayout, init_weight_table
 from embeddings.memrec_options import MemRecOptions
 
@@ -29,6 +30,7 @@ class MemRecModuleBase(EmbeddingBagCollectionInterface):
     - ``weight_table``: [T * dw, 1] parameter, the T (1 if shared, else one per feature) dw x 1 weight
       tables stacked; replicated (data parallel) when sharded.
     - ``token_salts`` [F, K], ``weight_salts`` [F, kw]: non-persistent int64 buffers derived from the seed.
+    - with hot rows, the hot-row lookup's non-persistent buffers (``hot_keys``, ``hot_starts``, ...).
 
     ``pooling_factors`` (raw ids per sample and feature, default 1) are only hints for the planner.
     """
@@ -55,7 +57,14 @@ class MemRecModuleBase(EmbeddingBagCollectionInterface):
         token_salts, weight_salts = layout.salts()
         self.register_buffer("token_salts", token_salts.to(device), persistent=False)
         self.register_buffer("weight_salts", weight_salts.to(device), persistent=False)
+        self._hot_names: List[str] = []
+        for name, tensor in layout.hot.buffers(device).items():
+            self.register_buffer(name, tensor, persistent=False)
+            self._hot_names.append(name)
         self.reset_parameters()
+
+    def hot_buffers(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._hot_names}
 
     @property
     def options(self) -> MemRecOptions:
@@ -68,7 +77,7 @@ class MemRecModuleBase(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         with torch.no_grad():
-            kjt, aux = self.layout.expand(features, self.token_salts, self.weight_salts)
+            kjt, aux = self.layout.expand(features, self.token_salts, self.weight_salts, self.hot_buffers())
         kjt = self.layout.weigh(kjt, self.weight_table)
         return self.layout.finish(self.token_ebc(kjt), aux, self.weight_table)
 
@@ -91,6 +100,7 @@ class MemRecEmbeddingBagCollection(MemRecModuleBase):
         device: where parameters live (``meta`` for planning).
         pooling_factors: mean raw ids per sample for each feature (planner hints).
         table_prefix: prefix of the table names, which must be unique within a model.
+        hot: values with exact rows of their own (``embeddings.hot_rows``); None = none.
     """
 
     def __init__(
@@ -101,10 +111,14 @@ class MemRecEmbeddingBagCollection(MemRecModuleBase):
         device: Optional[torch.device] = None,
         pooling_factors: Optional[Sequence[float]] = None,
         table_prefix: str = "memrec",
+        hot: Optional[HotSet] = None,
     ) -> None:
         if options.granularity != "per_token":
             raise ValueError(
                 f"MemRecEmbeddingBagCollection needs embeddings.options.granularity 'per_token', got "
                 f"{options.granularity!r} (use MemRecPerSampleEmbeddingBag)"
             )
-        super().__init__(PerTokenLayout(feature_names, embedding_dim, options, table_prefix), device, pooling_factors)
+        layout = PerTokenLayout(feature_names, embedding_dim, options, table_prefix)
+        if hot is not None:
+            layout.set_hot(hot)
+        super().__init__(layout, device, pooling_factors)

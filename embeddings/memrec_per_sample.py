@@ -16,7 +16,7 @@ top-MLP input = bottom output + m.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -55,7 +55,8 @@ class PerSampleLayout(MemRecLayout):
         }
 
     def expand(
-        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor
+        self, features: KeyedJaggedTensor, token_salts: torch.Tensor, weight_salts: torch.Tensor,
+        hot_buffers: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> Tuple[KeyedJaggedTensor, MemRecAux]:
         features = self.select_features(features)
         num_features, batch = len(self.feature_names), features.stride()
@@ -66,8 +67,8 @@ class PerSampleLayout(MemRecLayout):
         bag_of_value = torch.repeat_interleave(bag, lengths, output_size=n)  # bag = feature * B + sample
         feature_of_value = torch.div(bag_of_value, batch, rounding_mode="floor")
         sample_of_value = bag_of_value - feature_of_value * batch
-        token_rows = self.hash_rows(values, feature_of_value, token_salts, self.options.num_token_rows, token=True)
-        weight_rows = self.hash_rows(values, feature_of_value, weight_salts, self.options.num_weight_rows, token=False)
+        token_rows = self.hash_rows(values, feature_of_value, token_salts, self.options.token_rows, token=True)
+        weight_rows = self.hash_rows(values, feature_of_value, weight_salts, self.options.weight_rows, token=False)
         order = torch.argsort(sample_of_value, stable=True)  # group the ids of each sample together
         counts = lengths.view(num_features, batch).sum(0)  # raw ids per sample
         kjt = KeyedJaggedTensor(

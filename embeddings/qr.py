@@ -21,10 +21,17 @@ with unequal batches per rank is an uneven all-gather that gloo does not impleme
 
 ``remainder_init``: "ones" (default) starts ``e`` as the quotient row, i.e. as the hashing trick into
 ``n_f / c`` rows, at a full table's scale; "uniform" gives both tables U(+-sqrt(1/rows)).
+
+With ``budget`` (``embeddings.budget``), ``c`` is the smallest collision count whose tables fit the bytes left after
+the hot rows and buffers (QR's size has a floor, ``~2 * dim * sqrt(F * sum(n_f))`` floats, below which no ``c``
+fits). Hot value ``i`` of feature ``f`` (``embeddings.hot_rows``) gets quotient row ``Q + start_f + i`` after the
+``Q`` stacked quotient rows and the one remainder row ``F * c`` shared by all hot values: ``e = W_q[hot] * r``,
+an exact row up to one learned per-element scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -34,6 +41,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings import registry
+from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot
 from embeddings.chunked import (
     POOLINGS,
     Aux,
@@ -48,11 +56,12 @@ from embeddings.chunked import (
     wrap_of,
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
+from embeddings.hot_rows import HotLookup, hot_bytes
 from embeddings.types import SparseArchContext
 
 
 @dataclass
-class QrOptions:
+class QrOptions(BudgetOptions):
     """QR-trick options.
 
     - ``num_collisions`` (c): rows of each remainder table; each quotient row is shared by c ids.
@@ -62,6 +71,8 @@ class QrOptions:
     - ``remainder_init``: "ones" or "uniform" (see the module docstring).
     - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
       first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
+    - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions``; with ``budget``,
+      ``num_collisions`` is derived (leave it at its default).
     """
 
     num_collisions: int = 4
@@ -78,6 +89,9 @@ class QrOptions:
         check_choice("hash", self.hash, ("mix", "identity"))
         check_choice("remainder_init", self.remainder_init, ("ones", "uniform"))
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
+        self.check_budget()
+        if self.hash == "identity" and self.hot_share > 0:
+            raise ValueError("embeddings.options.hash 'identity' is the plain QR trick: it takes no hot rows")
 
 
 class QrLayout(RemapLayout):
@@ -87,13 +101,39 @@ class QrLayout(RemapLayout):
 
     def __init__(self, ctx: SparseArchContext, options: QrOptions, table_prefix: str = "qr") -> None:
         super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
+        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
+        if options.budget is not None:
+            options = dataclasses.replace(options, num_collisions=self._budget_collisions(ctx, options))
         self.options = options
         c = options.num_collisions
-        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
         self.quotient_rows = [math.ceil(n / c) for n in self.full_rows]
         self.quotient_offsets = [sum(self.quotient_rows[:i]) for i in range(len(self.full_rows))]
         self.quotient_key = f"{table_prefix}_quotient_ids"
         self.remainder_key = f"{table_prefix}_remainder_ids"
+
+    def _budget_collisions(self, ctx: SparseArchContext, options: QrOptions) -> int:
+        """The smallest c whose tables fit the budget left after hot rows and buffers (sets the hot set)."""
+        assert options.budget is not None
+        row_bytes = self.embedding_dim * FLOAT_BYTES
+        hot = select_hot(ctx, options, row_bytes)
+        self.hot = HotLookup(hot)
+        count = len(self.feature_names)
+        fixed = 5 * 8 * count + hot_bytes(hot) + hot.total * row_bytes + (row_bytes if hot.total else 0)
+        rows = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers") // row_bytes
+
+        def needed(c: int) -> int:
+            return sum(math.ceil(n / c) for n in self.full_rows) + count * c
+
+        best = max(1, int(math.sqrt(sum(self.full_rows) / count)))  # about where needed(c) is smallest
+        best = min(range(max(1, best // 2), 2 * best + 2), key=needed)
+        if needed(best) > rows:
+            raise ValueError(f"embeddings.options.budget leaves {rows:,} rows for QR, whose tables need at least "
+                             f"{needed(best):,} (c = {best}); raise the budget or lower hot_share")
+        low, high = 1, best  # needed() decreases on [1, best]: the smallest c that fits
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if needed(mid) > rows else (low, mid)
+        return low
 
     @property
     def quotient_table(self) -> str:
@@ -104,8 +144,8 @@ class QrLayout(RemapLayout):
         return f"{self.table_prefix}_remainder"
 
     def inner_configs(self) -> List[EmbeddingBagConfig]:
-        q_rows = sum(self.quotient_rows)
-        r_rows = len(self.feature_names) * self.options.num_collisions
+        q_rows = sum(self.quotient_rows) + self.hot.total
+        r_rows = len(self.feature_names) * self.options.num_collisions + (1 if self.hot.total else 0)
         r_init = uniform_init(r_rows) if self.options.remainder_init == "uniform" else torch.nn.init.ones_
         return [
             EmbeddingBagConfig(name=self.quotient_table, embedding_dim=self.embedding_dim, num_embeddings=q_rows,
@@ -115,7 +155,7 @@ class QrLayout(RemapLayout):
         ]
 
     def logical_configs(self) -> List[EmbeddingBagConfig]:
-        rows = sum(self.quotient_rows) + len(self.feature_names) * self.options.num_collisions
+        rows = sum(c.num_embeddings for c in self.inner_configs())
         return [EmbeddingBagConfig(name=self.table_prefix, embedding_dim=self.embedding_dim, num_embeddings=rows,
                                    feature_names=list(self.feature_names), pooling=pooling_type(self.options.pooling))]
 
@@ -147,6 +187,11 @@ class QrLayout(RemapLayout):
         c = self.options.num_collisions
         quotient = torch.div(y, c, rounding_mode="floor") + buffers["qr_quotient_offsets"][feature_of_value]
         remainder = torch.remainder(y, c) + buffers["qr_remainder_offsets"][feature_of_value]
+        if self.hot.total:  # hot value i of feature f: quotient row Q + start_f + i, the shared remainder row F * c
+            hit, index = self.hot.lookup(values, feature_of_value, buffers)
+            first_hot = sum(self.quotient_rows)
+            quotient = torch.where(hit, first_hot + buffers["hot_starts"][feature_of_value] + index, quotient)
+            remainder = torch.where(hit, len(self.feature_names) * c, remainder)
         # every id a bag of its own; padded with empty bags up to ``stride`` (at least 1: KJTs need one)
         stride = max(1, n, stride or 0)
         one_key = torch.zeros(stride, dtype=lengths.dtype, device=lengths.device)

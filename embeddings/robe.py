@@ -18,19 +18,26 @@ Addresses (:class:`ChunkAddresser`):
   ``offset_f`` the full-table rows of the group's earlier features: the full tables laid out chunk by chunk.
   Needs ``rows_g >= C * sum(n_f)``; the module is then exactly an EmbeddingBagCollection over ids mod n_f.
 - ``embeddings.lma`` supplies minhash addresses for indexed values, with ``mix`` as the fallback.
+
+With ``budget`` (``embeddings.budget``) the arrays are sized from bytes: ``hot_share`` buys hot rows (exact rows for
+the most frequent ids, ``embeddings.hot_rows``): the C chunks of hot value ``i`` of feature ``f`` are the rows
+``base_f + C * i + c`` after the group's ``rows_g`` addressed rows, so a hot id never shares memory. The rest of the
+budget, less every buffer (salts, moduli, an LMA dictionary), is the addressed rows, split over the groups in
+proportion to their full rows not covered by hot rows.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings import registry
+from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.chunked import (
     POOLINGS,
     Aux,
@@ -49,11 +56,12 @@ from embeddings.chunked import (
     wrap_of,
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
+from embeddings.hot_rows import HotLookup, HotSet, hot_bytes
 from embeddings.types import SparseArchContext
 
 
 @dataclass
-class ChunkedOptions:
+class ChunkedOptions(BudgetOptions):
     """Options shared by the chunk-table methods (``robe``, ``lma``).
 
     - ``memory_fraction``: floats of the shared array(s) / floats of the full tables (default 1/16 when
@@ -68,6 +76,8 @@ class ChunkedOptions:
     - ``seed``: hash seed in [0, 2**63).
     - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
       first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
+    - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
+      replaces ``memory_fraction`` / ``num_rows``).
     """
 
     memory_fraction: Optional[float] = None
@@ -85,6 +95,9 @@ class ChunkedOptions:
         check_choice("pooling", self.pooling, POOLINGS)
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
+        self.check_budget()
+        if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
+            raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
 
 
 @dataclass
@@ -100,6 +113,9 @@ class RobeOptions(ChunkedOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("hash", self.hash, ("mix", "identity"))
+        if self.hash == "identity" and self.hot_share > 0:
+            raise ValueError(f"{where('hash')} 'identity' lays out the full tables: it takes no hot rows "
+                             f"({where('hot_share')}={self.hot_share})")
 
 
 class ChunkAddresser(abc.ABC):
@@ -163,9 +179,14 @@ class IdentityChunkAddresser(ChunkAddresser):
 
 
 class ChunkLayout(RemapLayout):
-    """The chunk tables: ``C`` inner features ``<feature>__c<c>`` per feature on its group's ``[rows, Z]`` table."""
+    """The chunk tables: ``C`` inner features ``<feature>__c<c>`` per feature on its group's ``[rows, Z]`` table.
 
-    def __init__(self, ctx: SparseArchContext, options: ChunkedOptions, table_prefix: str, method: str) -> None:
+    ``extra_bytes(hot)``: bytes of buffers the method's addresser will add (an LMA dictionary), counted in the
+    budget before the arrays are sized.
+    """
+
+    def __init__(self, ctx: SparseArchContext, options: ChunkedOptions, table_prefix: str, method: str,
+                 extra_bytes: Callable[[HotSet], int] = lambda hot: 0) -> None:
         super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
         self.method = method
         dim = ctx.embedding_dim
@@ -176,10 +197,48 @@ class ChunkLayout(RemapLayout):
         self.options = options
         self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
         self.groups = FeatureGroups.resolve(self.feature_names, options.feature_groups)
-        self.rows_per_group = group_rows(self.groups, self.full_rows, dim, self.chunk_size,
-                                         options.memory_fraction, options.num_rows)
+        if options.budget is not None:
+            self.rows_per_group = self._budget_rows(ctx, options, extra_bytes)
+        else:
+            self.rows_per_group = group_rows(self.groups, self.full_rows, dim, self.chunk_size,
+                                             options.memory_fraction, options.num_rows)
         self.inner_keys = [self.chunk_feature(f, c) for f in self.feature_names for c in range(self.num_chunks)]
         self.addresser: ChunkAddresser = RandomChunkAddresser(options.seed)
+
+    def _budget_rows(self, ctx: SparseArchContext, options: ChunkedOptions,
+                     extra_bytes: Callable[[HotSet], int]) -> List[int]:
+        """Addressed rows per group from the byte budget (sets the hot set first)."""
+        assert options.budget is not None
+        hot = select_hot(ctx, options, self.embedding_dim * FLOAT_BYTES)
+        self.hot = HotLookup(hot)
+        count = len(self.feature_names)
+        own = 8 * count * (2 + self.num_chunks + (1 if hot.total else 0))  # moduli, wraps, salts, hot bases
+        fixed = own + hot_bytes(hot) + hot.total * self.embedding_dim * FLOAT_BYTES + extra_bytes(hot)
+        rows = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers")
+        rows //= self.chunk_size * FLOAT_BYTES
+        left = [max(0, int(n) - h) for n, h in zip(ctx.num_embeddings_per_feature, hot.sizes())]
+        weights = [sum(left[i] for i, g in enumerate(self.groups.group_of_feature) if g == gi)
+                   for gi in range(len(self.groups.groups))]
+        return split_rows(rows, weights, f"the {self.method} arrays")
+
+    @property
+    def hot_per_group(self) -> List[int]:
+        sizes = self.hot.sizes
+        return [sum(sizes[i] for i, g in enumerate(self.groups.group_of_feature) if g == gi)
+                for gi in range(len(self.groups.groups))]
+
+    @property
+    def table_rows_per_group(self) -> List[int]:
+        """Rows of each group table: the addressed rows, then C rows per hot value of the group."""
+        return [rows + self.num_chunks * hot for rows, hot in zip(self.rows_per_group, self.hot_per_group)]
+
+    def hot_bases(self) -> List[int]:
+        """Row of chunk 0 of each feature's first hot value in its group table."""
+        bases, used = [], [0] * len(self.groups.groups)
+        for f, g in enumerate(self.groups.group_of_feature):
+            bases.append(self.rows_per_group[g] + self.num_chunks * used[g])
+            used[g] += self.hot.sizes[f]
+        return bases
 
     @staticmethod
     def chunk_feature(feature: str, chunk: int) -> str:
@@ -189,7 +248,7 @@ class ChunkLayout(RemapLayout):
         return f"{self.table_prefix}_memory" if len(self.groups.groups) == 1 else f"{self.table_prefix}_memory_{group}"
 
     def feature_rows(self) -> List[int]:
-        """Rows of each feature's group table."""
+        """Addressed rows of each feature's group table (the modulus of its chunk addresses)."""
         return [self.rows_per_group[g] for g in self.groups.group_of_feature]
 
     def inner_configs(self) -> List[EmbeddingBagConfig]:
@@ -199,14 +258,14 @@ class ChunkLayout(RemapLayout):
                 feature_names=[self.chunk_feature(f, c) for f in group for c in range(self.num_chunks)],
                 pooling=pooling_type(self.options.pooling), init_fn=uniform_init(rows),
             )
-            for g, (group, rows) in enumerate(zip(self.groups.groups, self.rows_per_group))
+            for g, (group, rows) in enumerate(zip(self.groups.groups, self.table_rows_per_group))
         ]
 
     def logical_configs(self) -> List[EmbeddingBagConfig]:
         return [
             EmbeddingBagConfig(name=self.table_name(g), embedding_dim=self.embedding_dim, num_embeddings=rows,
                                feature_names=list(group), pooling=pooling_type(self.options.pooling))
-            for g, (group, rows) in enumerate(zip(self.groups.groups, self.rows_per_group))
+            for g, (group, rows) in enumerate(zip(self.groups.groups, self.table_rows_per_group))
         ]
 
     def planner_pooling_factors(self, pooling_factors: Sequence[float]) -> Dict[str, List[float]]:
@@ -218,6 +277,8 @@ class ChunkLayout(RemapLayout):
         rows = self.feature_rows()
         out = {"chunk_rows": torch.tensor(rows, dtype=torch.int64, device=device),
                "chunk_wrap": torch.tensor(wrap_of(rows), dtype=torch.int64, device=device)}
+        if self.hot.total:
+            out["chunk_hot_base"] = torch.tensor(self.hot_bases(), dtype=torch.int64, device=device)
         out.update(self.addresser.buffers(self, device))
         return out
 
@@ -230,6 +291,11 @@ class ChunkLayout(RemapLayout):
         n = values.numel()
         feature_of_value, per_feature = feature_of_values(lengths, num_features, n)
         rows = self.addresser.rows(self, values, feature_of_value, buffers)  # [n, C]
+        if self.hot.total:  # chunk c of hot value i of feature f: row base_f + C * i + c
+            hit, index = self.hot.lookup(values, feature_of_value, buffers)
+            chunk_of = torch.arange(chunks, dtype=torch.int64, device=values.device)[None, :]
+            hot_rows = (buffers["chunk_hot_base"][feature_of_value] + chunks * index)[:, None] + chunk_of
+            rows = torch.where(hit[:, None], hot_rows, rows)
         # feature-major, then chunk-major: chunk c of value i of feature f goes to
         # C * start_f + c * n_f + (i - start_f)
         starts = torch.cumsum(per_feature, 0) - per_feature

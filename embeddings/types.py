@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder
+
+if TYPE_CHECKING:
+    from embeddings.id_counts import IdCounts
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class SparseArchContext:
 
     ``num_embeddings_per_feature`` are the sizes of the *full* (uncompressed) tables of the model: the
     reference every compression ratio is computed against. ``pooling_factors`` is the mean number of ids
-    per sample and feature (1.0 for one-hot data).
+    per sample and feature (1.0 for one-hot data). ``id_counts`` are the training data's id frequencies
+    (``compactrec prepare``), for methods with hot rows or a vocabulary; None when the config needs none.
     """
 
     feature_names: Sequence[str]
@@ -31,6 +35,7 @@ class SparseArchContext:
     embedding_dim: int
     device: torch.device
     pooling_factors: Optional[Sequence[float]] = None
+    id_counts: Optional["IdCounts"] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.feature_names) != len(self.num_embeddings_per_feature):
@@ -139,7 +144,8 @@ class SparseArchSpec:
     - ``dense_head(options)``: a model class replacing DLRM's interaction for this method (e.g. MEM-REC's
       per-sample variant concatenates one vector per sample), or None.
     - ``ids``: "raw" if the module accepts any int64 id (compressed methods hash them), or "table" if
-      ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``).
+      ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``);
+      ``ids_for(options)``, when given, decides per options instead (:meth:`id_mode`).
     """
 
     name: str
@@ -151,10 +157,20 @@ class SparseArchSpec:
     ids: str = "raw"
     description: str = ""
     dense_head: Optional[DenseHeadFn] = None
+    ids_for: Optional[Callable[[Any], str]] = None
 
     def __post_init__(self) -> None:
         if self.ids not in ("raw", "table"):
             raise ValueError(f"SparseArchSpec {self.name!r}: ids must be 'raw' or 'table', got {self.ids!r}")
+
+    def id_mode(self, options: Any) -> str:
+        """"raw" or "table" for a module built with ``options`` (see ``ids``)."""
+        return self.ids_for(options) if self.ids_for is not None else self.ids
+
+    @staticmethod
+    def needs_id_counts(options: Any) -> bool:
+        """Whether a module built with ``options`` needs the training data's id counts in its context."""
+        return bool(getattr(options, "needs_id_counts", False))
 
 
 @dataclass

@@ -86,7 +86,7 @@ class ShardedRemappedEmbeddingBagCollection(
             module_fqn=append_prefix(module_fqn, INNER_EBC) if module_fqn else None,
         )
         self._buffer_names: List[str] = []
-        for name, tensor in self._layout.buffers(device).items():
+        for name, tensor in self._layout.all_buffers(device).items():
             self.register_buffer(name, tensor, persistent=False)
             self._buffer_names.append(name)
 

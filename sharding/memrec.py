@@ -123,11 +123,16 @@ class ShardedMemRecEmbeddingBag(
         token_salts, weight_salts = self._layout.salts()
         self.register_buffer("token_salts", token_salts.to(device), persistent=False)
         self.register_buffer("weight_salts", weight_salts.to(device), persistent=False)
+        self._hot_names: List[str] = []
+        for name, tensor in self._layout.hot.buffers(device).items():
+            self.register_buffer(name, tensor, persistent=False)
+            self._hot_names.append(name)
 
     # ---- the pipelined steps ------------------------------------------------------------------
     def input_dist(self, ctx: MemRecContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         with torch.no_grad():
-            kjt, ctx.aux = self._layout.expand(features, self.token_salts, self.weight_salts)
+            hot = {name: getattr(self, name) for name in self._hot_names}
+            kjt, ctx.aux = self._layout.expand(features, self.token_salts, self.weight_salts, hot)
         return self.token_ebc.input_dist(ctx, kjt)
 
     def _weigh(self, dist_input: KJTList) -> KJTList:

@@ -24,6 +24,7 @@ DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "row_wise", "table_row_wise",
                   "table_column_wise")
 COMPUTE_KERNELS = ("dense", "fused")
+TABLE_SIZES = ("auto", "manifest", "counts")
 
 
 @dataclass
@@ -61,11 +62,19 @@ class EmbeddingsConfig:
     """The sparse part: which registered method builds the embedding module, and its options."""
 
     kind: str = "full"  # a registered method: full, memrec, ... (see `compactrec train --help`)
-    # sizes of the full (uncompressed) tables; null = the dataset manifest's cardinalities
+    # sizes of the full (uncompressed) tables, the reference of every compression ratio; null = table_sizes
     num_embeddings_per_feature: Optional[List[int]] = None
+    # where null sizes come from: "manifest" (the dataset's manifest.json), "counts" (distinct training values + 1
+    # per feature, from `compactrec prepare`'s id counts) or "auto" (the manifest if it has sizes, else counts)
+    table_sizes: str = "auto"
     options: Dict[str, Any] = field(default_factory=dict)  # checked by the method's options dataclass
 
     def __post_init__(self) -> None:
+        if self.table_sizes not in TABLE_SIZES:
+            raise ValueError(f"table_sizes must be one of {TABLE_SIZES}, got {self.table_sizes!r}")
+        if self.num_embeddings_per_feature is not None and self.table_sizes != "auto":
+            raise ValueError(f"num_embeddings_per_feature is given, so table_sizes={self.table_sizes!r} would be "
+                             "ignored; set one of them")
         if self.num_embeddings_per_feature is not None:
             bad = [n for n in self.num_embeddings_per_feature if n <= 0]
             if bad:

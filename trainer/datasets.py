@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from trainer.config import Config
 from trainer.data import loader
+
+if TYPE_CHECKING:
+    from embeddings.id_counts import IdCounts
 
 MANIFEST = "manifest.json"
 
@@ -19,6 +22,7 @@ class DatasetInfo:
     num_embeddings_per_feature: List[int]
     pooling_factors: Optional[List[float]]
     manifest: Optional[Dict[str, Any]]
+    id_counts: Optional["IdCounts"] = None  # loaded when the config needs them (trainer.id_counts.needs_counts)
 
 
 def read_manifest(path: Path) -> Optional[Dict[str, Any]]:
@@ -32,10 +36,14 @@ def read_manifest(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
-    """Table sizes come from ``embeddings.num_embeddings_per_feature`` or else the dataset manifest.
+    """Table sizes come from ``embeddings.num_embeddings_per_feature``, or else (``embeddings.table_sizes``)
+    the dataset manifest or the id counts of ``compactrec prepare`` (distinct training values + 1 per
+    feature); the id counts are loaded, checked against the data, when the config needs them.
 
     ``require_data=False`` (planning) accepts a missing data directory when the config gives the sizes.
     """
+    from trainer.id_counts import load_checked_counts, needs_counts, sizes_from_counts
+
     names = list(loader.feature_names()[1])
     path = Path(config.data.path)
     if not path.exists() and (require_data or config.embeddings.num_embeddings_per_feature is None):
@@ -43,13 +51,21 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
             f"data.path {str(path)!r} does not exist; generate a synthetic dataset with "
             f"`compactrec generate small --out {path}` or point data.path at Criteo files"
         )
-    manifest = read_manifest(path)
+    manifest = read_manifest(path) if path.is_dir() else None
+    counts = load_checked_counts(config) if path.exists() and needs_counts(config) else None
     sizes = config.embeddings.num_embeddings_per_feature
-    if sizes is None:
+    if sizes is None and sizes_from_counts(config):
+        if counts is None:
+            raise ValueError(f"embeddings.num_embeddings_per_feature is null and the table sizes come from the id "
+                             f"counts of {path}, which do not exist; run `compactrec prepare CONFIG`")
+        sizes = counts.table_sizes()
+        where = f"id counts of {path} (distinct training values + 1)"
+    elif sizes is None:
         if manifest is None or "num_embeddings_per_feature" not in manifest:
             raise ValueError(
                 f"embeddings.num_embeddings_per_feature is null and {path / MANIFEST} gives no table sizes; "
-                "set it in the config (e.g. the Criteo Kaggle or Terabyte sizes)"
+                "set it in the config (e.g. the Criteo Kaggle or Terabyte sizes), or take them from the data "
+                "with embeddings.table_sizes=counts and `compactrec prepare CONFIG`"
             )
         sizes = manifest["num_embeddings_per_feature"]
         where = f"{path / MANIFEST}: num_embeddings_per_feature"
@@ -62,4 +78,4 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
         i, n = bad[0]
         raise ValueError(f"{where}[{i}] ({names[i]}) must be a positive integer, got {n!r}")
     pooling = loader.pooling_factors(config.data) if path.exists() else None
-    return DatasetInfo(names, list(sizes), pooling, manifest)
+    return DatasetInfo(names, list(sizes), pooling, manifest, counts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import List
+from typing import Any, List
 
 from embeddings import registry
 from trainer.config_doc import field_comments
@@ -50,13 +50,21 @@ def _comments(cls: type) -> dict:
     return out
 
 
+def _ids_line(spec: Any) -> str:
+    what = {"raw": "any int64 id, mapped by the module", "table": "reduced mod table rows by the data path"}
+    if spec.ids_for is None:
+        return f"Ids: `{spec.ids}` ({what[spec.ids]})."
+    return (f"Ids: `{spec.ids}` with the default options ({what[spec.ids]}); other options may make them "
+            f"`{'raw' if spec.ids == 'table' else 'table'}` (see below).")
+
+
 def render() -> str:
     lines: List[str] = [HEADER]
     for name in registry.names():
         spec = registry.get(name)
         cls = spec.options_type
         lines += [f"## `{name}`", "", spec.description, "",
-                  f"Ids: `{spec.ids}` ({'any int64 id, hashed by the module' if spec.ids == 'raw' else 'reduced mod table rows by the data path'}).",
+                  _ids_line(spec),
                   "", "| option | default | meaning |", "|---|---|---|"]
         try:
             defaults = to_dict(cls())

@@ -37,10 +37,11 @@ FORMAT = "compactrec-inference"
 VERSION = 1
 
 
-def _build_unsharded(config: Config, feature_names: Any, sizes: Any, device: torch.device) -> Tuple[nn.Module, Any]:
+def _build_unsharded(config: Config, feature_names: Any, sizes: Any, device: torch.device,
+                     id_counts: Any = None) -> Tuple[nn.Module, Any]:
     from trainer.model import build_dlrm, build_sparse_arch, sparse_context
 
-    arch = build_sparse_arch(config, sparse_context(config, feature_names, sizes, device))
+    arch = build_sparse_arch(config, sparse_context(config, feature_names, sizes, device, id_counts=id_counts))
     return build_dlrm(config, arch, dense_device=device), arch
 
 
@@ -54,7 +55,8 @@ def export_checkpoint(config: Config, out: Path, checkpoint_dir: Optional[Path] 
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_root(run_dir)} to export")
     meta = checkpoint.read_metadata(path)
     info = dataset_info(config, require_data=False)
-    model, arch = _build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"))
+    model, arch = _build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"),
+                                   info.id_counts)
     # the checkpoint holds TrainModel's state ("model." + the logit model's keys)
     state = {"model": {f"model.{k}": v for k, v in model.state_dict().items()}}
     dcp.load(state, checkpoint_id=str(path))  # in place; a key missing from the checkpoint raises
@@ -62,7 +64,7 @@ def export_checkpoint(config: Config, out: Path, checkpoint_dir: Optional[Path] 
     payload = {
         "format": FORMAT, "version": VERSION,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "config": to_dict(config), "embeddings": config.embeddings.kind, "ids": arch.spec.ids,
+        "config": to_dict(config), "embeddings": config.embeddings.kind, "ids": arch.ids,
         "feature_names": list(info.feature_names),
         "num_embeddings_per_feature": [int(n) for n in info.num_embeddings_per_feature],
         "checkpoint": {"path": str(path), **meta},

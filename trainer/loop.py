@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
 def build_sharded_model(config: Config, ctx: DistContext, info: DatasetInfo) -> tuple[Any, SparseArch]:
     """Sparse arch on ``meta`` (DMP materialises its shards), dense part on the device; planned and wrapped."""
     sparse_ctx = sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
-                                torch.device("meta"), info.pooling_factors)
+                                torch.device("meta"), info.pooling_factors, info.id_counts)
     arch = build_sparse_arch(config, sparse_ctx)
     model = TrainModel(build_dlrm(config, arch, dense_device=ctx.device))
     apply_sparse_optimizer(arch.module, config.optimizer)
@@ -166,7 +166,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     optimizer = combined_optimizer(model, optim_cfg)
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
     mem = memory_report(arch, config.optimizer.sparse)
-    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.spec.ids == "table" else (lambda b: b)
+    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.ids == "table" else (lambda b: b)
     steps_per_epoch, total = _train_steps(config, ctx)
     reporter = Reporter(config, ctx, run_dir, total, mem)
     if ctx.is_main:

@@ -27,6 +27,11 @@ class SparseArch:
     context: SparseArchContext
     module: nn.Module
 
+    @property
+    def ids(self) -> str:
+        """"raw" (the module takes raw int64 ids) or "table" (the data path reduces ids mod rows first)."""
+        return self.spec.id_mode(self.options)
+
 
 def sparse_context(
     config: Config,
@@ -34,6 +39,7 @@ def sparse_context(
     num_embeddings_per_feature: Sequence[int],
     device: torch.device,
     pooling_factors: Optional[Sequence[float]] = None,
+    id_counts: Optional[Any] = None,
 ) -> SparseArchContext:
     return SparseArchContext(
         feature_names=list(feature_names),
@@ -41,6 +47,7 @@ def sparse_context(
         embedding_dim=config.model.embedding_dim,
         device=device,
         pooling_factors=pooling_factors,
+        id_counts=id_counts,
     )
 
 

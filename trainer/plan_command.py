@@ -19,7 +19,7 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
     info = dataset_info(config, require_data=False)
     meta = torch.device("meta")
     arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
-                                                    meta, info.pooling_factors))
+                                                    meta, info.pooling_factors, info.id_counts))
     model = TrainModel(build_dlrm(config, arch, dense_device=meta))
     apply_sparse_optimizer(arch.module, config.optimizer)
     sharders = arch.spec.sharders(arch.options)

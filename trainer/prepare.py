@@ -1,7 +1,9 @@
-"""``compactrec prepare CONFIG``: build what a method needs before training, once (idempotent).
+"""``compactrec prepare CONFIG``: build what a config needs before training, once (idempotent).
 
-Today only LMA has such a step (its minhash index, built from the training data). A present index is kept;
-training itself checks that it matches the config and names the rebuild command when it does not.
+- The id counts of the training split (``trainer.id_counts``) when the config needs them (hot rows, ``full``
+  with a vocabulary, table sizes from the data); rebuilt when they no longer match the data or options.
+- The method's own artifact: LMA's minhash index (built from the training data). A present index is kept;
+  training itself checks that it matches the config and names the rebuild command when it does not.
 """
 
 from __future__ import annotations
@@ -25,5 +27,10 @@ PREPARERS: Dict[str, Callable[[Config], str]] = {"lma": _prepare_lma}
 
 
 def prepare(config: Config) -> str:
+    from trainer.id_counts import needs_counts, prepare_counts
+
+    lines = [prepare_counts(config)] if needs_counts(config) else []
     step = PREPARERS.get(config.embeddings.kind)
-    return step(config) if step is not None else f"embeddings.kind={config.embeddings.kind}: nothing to prepare"
+    if step is not None:
+        lines.append(step(config))
+    return "\n".join(lines) or f"embeddings.kind={config.embeddings.kind}: nothing to prepare"

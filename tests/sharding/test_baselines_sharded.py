@@ -9,7 +9,7 @@ mean of the per-rank losses on the union of the ranks' batches. ``parity_body`` 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -26,8 +26,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
+from embeddings.id_counts import IdCounts
 from embeddings.types import SparseArchContext, TopologyInfo
 from tests.dist_utils import run_multiprocess
+from trainer.optim import embedding_table_parameters
 
 FEATURES = ["f0", "f1", "f2"]
 SIZES = [40, 25, 60]
@@ -66,19 +68,20 @@ def make_batch(step: int, rank: int) -> Batch:
     return Batch(dense_features=torch.zeros(BATCH, 1), sparse_features=kjt, labels=labels)
 
 
-def build_model(method: str, options: Dict[str, Any], seed: int, device: str = "cpu") -> Tuple[_Model, Any]:
+def build_model(method: str, options: Dict[str, Any], seed: int, device: str = "cpu",
+                counts: Optional[IdCounts] = None) -> Tuple[_Model, Any]:
     spec = registry.get(method)
     opts = spec.options_type(**options)
     torch.manual_seed(seed)
     ctx = SparseArchContext(feature_names=FEATURES, num_embeddings_per_feature=SIZES, embedding_dim=DIM,
-                            device=torch.device(device), pooling_factors=[1.5] * len(FEATURES))
+                            device=torch.device(device), pooling_factors=[1.5] * len(FEATURES), id_counts=counts)
     return _Model(spec.build(ctx, opts)), opts
 
 
 def _shard(model: _Model, method: str, opts: Any, optimizer: str) -> Tuple[DistributedModelParallel, Any]:
     spec = registry.get(method)
     cls, kwargs = OPTIMIZERS[optimizer]
-    apply_optimizer_in_backward(cls, model.sparse.ebc.parameters(), dict(kwargs))  # before planning
+    apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
     sharders = spec.sharders(opts)
     constraints = spec.default_constraints(model.sparse, opts, TopologyInfo(WORLD, WORLD, "cpu"))
     planner = EmbeddingShardingPlanner(
@@ -119,11 +122,12 @@ def _assert_matches(dmp: DistributedModelParallel, reference: nn.Module) -> int:
     return shards
 
 
-def parity_body(rank: int, world: int, method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+def parity_body(rank: int, world: int, method: str, options: Dict[str, Any],
+                counts: Optional[IdCounts] = None) -> Dict[str, Any]:
     """For SGD and Adagrad: sharded == unsharded outputs, logits and tables after STEPS steps."""
     out: Dict[str, Any] = {}
     for optimizer in OPTIMIZERS:
-        model, opts = build_model(method, options, seed=0)
+        model, opts = build_model(method, options, seed=0, counts=counts)
         reference = copy.deepcopy(model)
         dmp, optim = _shard(model, method, opts, optimizer)
         _copy_into_shards(dmp, reference)
@@ -148,7 +152,7 @@ def parity_body(rank: int, world: int, method: str, options: Dict[str, Any]) -> 
             torch.stack([reference(make_batch(step, r))[0] for r in range(world)]).mean().backward()
             ref_optim.step()
         shards = _assert_matches(dmp, reference)
-        initial = build_model(method, options, seed=0)[0].state_dict()
+        initial = build_model(method, options, seed=0, counts=counts)[0].state_dict()
         for name, value in reference.state_dict().items():
             moved = max(moved, float((value - initial[name]).abs().max()))
         out[optimizer] = {"shards": shards, "moved": moved,

@@ -122,7 +122,7 @@ def _load_and_predict(rank: int, world_size: int, overrides: List[str], run_dir:
     ctx = init_distributed("cpu")
     info = dataset_info(config)
     model, arch = build_sharded_model(config, ctx, info)
-    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.spec.ids == "table" else (lambda b: b)
+    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.ids == "table" else (lambda b: b)
     batch = next(_batches(config, "val", ctx, transform))
     model.eval()
     with torch.no_grad():

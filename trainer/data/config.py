@@ -63,6 +63,11 @@ class DataConfig:
     # Table sizes the one-hot ids are reduced modulo before expansion (MLPerf: the 26 Terabyte sizes). None =
     # num_embeddings_per_feature of manifest.json in `path` (synthetic data). Only read with multi_hot_sizes.
     num_embeddings_per_feature: Optional[List[int]] = None
+    # Id counts of the training split (`compactrec prepare` writes them when the config needs them: hot rows,
+    # full's vocabulary, embeddings.table_sizes=counts). None = <path>/id_counts.npz.
+    counts_path: Optional[str] = None
+    # Values counted per feature at most (bounded memory: past it only the most frequent are kept, Misra-Gries).
+    counts_capacity: int = 1 << 24
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ValueError:
@@ -110,5 +115,9 @@ class DataConfig:
                       f"must be one of {list(MULTI_HOT_DISTRIBUTIONS)}")
         if self.multi_hot_min_table_size < 0:
             raise bad("multi_hot_min_table_size", self.multi_hot_min_table_size, "must be >= 0")
+        if self.counts_capacity < 1:
+            raise bad("counts_capacity", self.counts_capacity, "must be >= 1")
+        if self.counts_path is not None and not self.counts_path:
+            raise bad("counts_path", self.counts_path, "must be a path or null")
         if not 0 <= self.multi_hot_seed < 2**32:
             raise bad("multi_hot_seed", self.multi_hot_seed, "must be in [0, 2**32)")

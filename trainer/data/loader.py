@@ -302,3 +302,27 @@ def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
 def make_batches(cfg: DataConfig, split: str, rank: int, world_size: int) -> BatchStream:
     """Batches of ``split`` ("train", "val", "test") for ``rank`` of ``world_size``; see the module doc."""
     return BatchStream(cfg, split, rank, world_size)
+
+
+def iter_split_chunks(cfg: DataConfig, split: str, rows_per_chunk: int = 1 << 16) -> Iterator[Chunk]:
+    """Every row of ``split`` once, in data order, as chunks of at most ``rows_per_chunk`` rows (no batching,
+    no rank share, no partial batch dropped): for passes over the data such as id counting."""
+    source, _ = _split_source(cfg, split)
+    if isinstance(source, _ArraySplit):
+        for start in range(0, source.num_rows, rows_per_chunk):
+            yield source.read(start, min(start + rows_per_chunk, source.num_rows))
+        return
+    skips: "collections.Counter[str]" = collections.Counter()
+    for seg in source:
+        parser = tsv.TsvParser(seg.path, cfg.tsv_has_label, cfg.bad_rows, skips)
+        rows: List[tsv.Row] = []
+        for _, _, row in tsv.iter_rows(seg, parser, lambda j: True):
+            if row is not None:
+                rows.append(row)
+            if len(rows) == rows_per_chunk:
+                yield tsv.rows_to_chunk(rows)
+                rows = []
+        if rows:
+            yield tsv.rows_to_chunk(rows)
+    if skips:
+        logger.warning("%s: skipped %d bad rows: %s", split, sum(skips.values()), dict(skips))
