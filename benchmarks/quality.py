@@ -1,254 +1,328 @@
-"""Quality vs memory budget (issue 6): val AUC of each method at several memory budgets on a synthetic log.
+"""Quality per byte: val AUC and logloss of every method at byte budgets, against the true full model.
 
-Runs the real trainer, single process (``compactrec train CONFIG overrides`` without ``--nproc``), once per
-(dataset, method, budget), on ``configs/default.yaml`` with the data path and the method swapped by
-overrides; LMA gets its index with ``compactrec prepare`` first. The memory on the x axis is the trainer's
-own memory report (``metrics.json``: every parameter and buffer kept, dictionaries included).
+Each cell (dataset, method, budget, hot share, seed, epochs) is one run of the real trainer, single process
+(``compactrec prepare`` then ``compactrec train CONFIG overrides``), on ``configs/default.yaml`` with:
 
-Budget ``f`` (fraction of the full tables' floats) per method:
-- ``hash``/``robe``/``lma``: ``memory_fraction = f`` (robe/lma: one chunk = the whole embedding)
-- ``memrec``: ``D = dw = round(f * sum(rows))`` token rows (K = 2, kw = 1, shared tables, weight_init ones)
-- ``qr``: ``num_collisions = round(1 / f)`` (remainder tables add ``c`` rows per feature)
+- ``embeddings.table_sizes=counts``: the full tables' sizes are the distinct training values + 1 per feature
+  (``compactrec prepare``'s id counts), the reference of every budget and compression ratio;
+- ``full``: ``ids: vocabulary`` (every training value its own row: the true uncompressed model);
+  ``full_mod``: the same sizes with ids reduced ``mod rows`` (the MLPerf v1 capping), reported beside it;
+- every compressed method: ``budget`` = the fraction of the full tables' bytes it keeps (parameters and
+  buffers, everything: dictionaries, hot-row keys, salts), ``hot_share`` of it on hot rows (0 = none);
+- ``training.epochs=E`` with one validation pass per epoch: the 1-epoch AUC (the full model's training
+  budget) and the best of the E epochs both come from one run (the data order is chronological and the
+  learning rates constant, so epoch 1 of an E-epoch run is the 1-epoch run).
 
-Seeds (``--seeds 0,1``) set ``training.seed`` (dense init, data order, table init); run dirs are
-``<dataset>_<method>_<budget>`` for seed 0 and ``..._s<seed>`` for the others, and a finished run dir is reused.
-Reported per (dataset, method, budget): mean val AUC / logloss over the seeds and each seed's value; per method,
-the smallest memory whose mean AUC is within ``--tolerance`` (0.001) of full's mean AUC on the same log.
+Resumable: every finished cell is appended to ``--results`` (JSON lines) and never run again; a run killed
+midway restarts from scratch (its run directory is cleared). ``--jobs N`` runs N cells at once, each with
+``OMP_NUM_THREADS=1``. ``report`` aggregates: mean and standard deviation over seeds, the delta to full
+(difference of the means, and its seed spread), the smallest budget within a tolerance, and a plot.
 
-Usage (datasets from ``compactrec generate tiny --out DIR rows_per_day=50000`` and ``tiny-control``)::
-
-    PYTHONPATH=. .venv/bin/python benchmarks/quality.py --data semantic=/tmp/q_tiny,control=/tmp/q_tiny_control \
-        --seeds 0,1
-    PYTHONPATH=. .venv/bin/python benchmarks/quality.py --plot-only   # redraw docs/img/auc_vs_memory.png
+    PYTHONPATH=. .venv/bin/python benchmarks/quality.py run --data small=data/synthetic-small \\
+        --methods full,full_mod,hash,robe,memrec,lma,qr --budgets 0.1,0.01,0.001 --hot 0,0.5 --seeds 0,1,2 \\
+        --results benchmarks/results/quality_small.jsonl
+    PYTHONPATH=. .venv/bin/python benchmarks/quality.py report --results benchmarks/results/quality_small.jsonl \\
+        --out benchmarks/results/quality_small.md --plot docs/img/quality_small.png
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin" / "compactrec"
+METHODS = ("full", "full_mod", "hash", "robe", "memrec", "lma", "qr")
+COMMON = ["embeddings.table_sizes=counts", "training.evals_per_epoch=1", "training.final_test=false",
+          "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200"]
+# the protocol's per-method settings (chosen by the sweeps in docs/RESULTS.md; override with --set)
+METHOD_DEFAULTS: Dict[str, List[str]] = {
+    "full": ["embeddings.kind=full", "embeddings.options.ids=vocabulary"],
+    "full_mod": ["embeddings.kind=full", "embeddings.options.ids=mod"],
+    "hash": ["embeddings.kind=hash"],
+    "robe": ["embeddings.kind=robe"],
+    "memrec": ["embeddings.kind=memrec", "embeddings.options.weight_init=ones"],
+    "lma": ["embeddings.kind=lma", "embeddings.options.num_hashes=2", "embeddings.options.min_count=2"],
+    "qr": ["embeddings.kind=qr"],
+}
 
 
-def method_overrides(method: str, budget: float, total_rows: int, index_path: str) -> List[str]:
-    if method == "full":
-        return ["embeddings.kind=full"]
-    if method in ("hash", "robe"):
-        return [f"embeddings.kind={method}", f"embeddings.options.memory_fraction={budget}"]
+def dataset_split(path: str) -> List[str]:
+    """Train on every day but the last, validate on the first half of the last (as the generator's days)."""
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    days = int(manifest["num_days"])
+    return [f"data.path={path}", f"data.train_days=[{','.join(str(d) for d in range(days - 1))}]",
+            f"data.eval_day={days - 1}"]
+
+
+def cell_name(cell: Dict[str, Any]) -> str:
+    tag = f"_{cell['tag']}" if cell.get("tag") else ""
+    budget = "" if cell["method"] in ("full", "full_mod") else f"_b{cell['budget']:g}_h{cell['hot']:g}"
+    return f"{cell['dataset']}_{cell['method']}{budget}_s{cell['seed']}_e{cell['epochs']}{tag}"
+
+
+def cell_overrides(cell: Dict[str, Any], data_path: str, runs_root: Path, sets: Dict[str, List[str]],
+                   extra: List[str]) -> List[str]:
+    method = cell["method"]
+    ov = [*dataset_split(data_path), *COMMON, *METHOD_DEFAULTS[method], f"training.seed={cell['seed']}",
+          f"training.epochs={cell['epochs']}"]
+    if method not in ("full", "full_mod"):
+        ov += [f"embeddings.options.budget={cell['budget']}", f"embeddings.options.hot_share={cell['hot']}"]
     if method == "lma":
-        return ["embeddings.kind=lma", f"embeddings.options.memory_fraction={budget}",
-                "embeddings.options.num_hashes=2", "embeddings.options.min_count=2",
-                f"embeddings.options.index_path={index_path}"]
-    if method == "memrec":
-        d = max(1, round(budget * total_rows))
-        return ["embeddings.kind=memrec", f"embeddings.options.num_token_rows={d}",
-                f"embeddings.options.num_weight_rows={d}", "embeddings.options.num_token_hashes=2",
-                "embeddings.options.num_weight_hashes=1", "embeddings.options.weight_init=ones"]
-    if method == "qr":
-        return ["embeddings.kind=qr", f"embeddings.options.num_collisions={max(1, round(1 / budget))}"]
-    raise ValueError(method)
+        ov.append(f"embeddings.options.index_path={runs_root / ('lma_index_' + cell['dataset'] + '.npz')}")
+    return ov + sets.get(method, []) + sets.get("*", []) + extra
 
 
-def run_one(config: str, overrides: List[str], run_dir: Path, log: Path, prepare: bool) -> Dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{BIN.parent}:{os.environ.get('PATH', '')}"}
-    ov = overrides + [f"training.run_dir={run_dir}"]
-    t = time.time()
-    if (run_dir / "metrics.json").is_file():  # finished earlier (same runs root): reuse, do not retrain
-        t = float("nan")
+def run_cell(cell: Dict[str, Any], overrides: List[str], runs_root: Path, config: str) -> Dict[str, Any]:
+    name = cell_name(cell)
+    run_dir, log = runs_root / name, runs_root / f"{name}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": f"{BIN.parent}:{os.environ.get('PATH', '')}"}
+    if not (run_dir / "metrics.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts again
+        ov = overrides + [f"training.run_dir={run_dir}"]
+        start = time.time()
+        with open(log, "w") as f:
+            for command in ("prepare", "train"):
+                subprocess.run([str(BIN), command, config, *ov], cwd=ROOT, env=env, stdout=f, stderr=f, check=True)
+        wall = time.time() - start
     else:
-        with open(log, "a") as f:
-            if prepare:
-                subprocess.run([str(BIN), "prepare", config, *ov], cwd=ROOT, env=env, stdout=f, stderr=f, check=True)
-            subprocess.run([str(BIN), "train", config, *ov], cwd=ROOT, env=env, stdout=f, stderr=f, check=True)
+        wall = float("nan")
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"val_auc": m["val"]["auc"], "val_logloss": m["val"]["logloss"], "oracle_auc": m["val"].get("oracle_auc"),
-            "test_auc": m.get("test", {}).get("auc"), "total_bytes": m["memory"]["total_bytes"],
-            "full_table_bytes": m["memory"]["full_table_bytes"], "compression": m["memory"]["compression_ratio"],
-            "samples_per_s": m["samples_per_s"], "wall_s": time.time() - t}
+    evals = [e for e in m["evals"]]
+    per_epoch = [{"epoch": e["epoch"], "auc": e["auc"], "logloss": e["logloss"]} for e in evals]
+    mem = m["memory"]
+    return {**cell, "name": name, "overrides": overrides, "epochs_eval": per_epoch,
+            "auc_1": per_epoch[0]["auc"], "logloss_1": per_epoch[0]["logloss"],
+            "auc_best": max(e["auc"] for e in per_epoch), "logloss_best": min(e["logloss"] for e in per_epoch),
+            "best_epoch": max(range(len(per_epoch)), key=lambda i: per_epoch[i]["auc"]) + 1,
+            "oracle_auc": evals[0].get("oracle_auc"), "total_bytes": mem["total_bytes"],
+            "parameter_bytes": mem["parameter_bytes"], "buffer_bytes": mem["buffer_bytes"],
+            "optimizer_state_bytes": mem["optimizer_state_bytes"], "full_table_bytes": mem["full_table_bytes"],
+            "compression": mem["compression_ratio"], "samples_per_s": m["samples_per_s"], "wall_s": wall,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def aggregate(results: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per (dataset, method, budget): mean and per-seed val AUC / logloss (finished runs only)."""
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for r in results["runs"]:
-        if "val_auc" in r:
-            groups.setdefault((r["dataset"], r["method"], r["budget"]), []).append(r)
-    out = []
-    for (ds, method, budget), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.get("seed", 0))
-        aucs = [r["val_auc"] for r in rs]
-        out.append({"dataset": ds, "method": method, "budget": budget, "seeds": [r.get("seed", 0) for r in rs],
-                    "val_auc": aucs, "auc_mean": statistics.mean(aucs), "auc_min": min(aucs), "auc_max": max(aucs),
-                    "logloss_mean": statistics.mean(r["val_logloss"] for r in rs),
-                    "val_logloss": [r["val_logloss"] for r in rs], "oracle_auc": rs[0].get("oracle_auc"),
-                    "total_bytes": rs[0]["total_bytes"], "compression": rs[0]["compression"]})
-    return out
+def read_results(path: Path) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot(results: Dict[str, Any], path: Path) -> None:
+def grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    cells = []
+    for seed in args.seeds:  # seed-major: a cut-off sweep still has whole seeds
+        for ds in args.data:
+            for budget in args.budgets:
+                for method in args.methods:
+                    if method in ("full", "full_mod"):
+                        if budget == args.budgets[0]:
+                            cells.append({"dataset": ds, "method": method, "budget": 1.0, "hot": 0.0, "seed": seed,
+                                          "epochs": args.epochs, "tag": args.tag})
+                        continue
+                    for hot in args.hot:
+                        cells.append({"dataset": ds, "method": method, "budget": budget, "hot": hot, "seed": seed,
+                                      "epochs": args.epochs, "tag": args.tag})
+    return cells
+
+
+def run(args: argparse.Namespace) -> None:
+    results_path = Path(args.results)
+    done = {r["name"] for r in read_results(results_path)}
+    runs_root = Path(args.runs_root)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    sets: Dict[str, List[str]] = {}
+    for item in args.set:
+        method, override = item.split(":", 1)
+        sets.setdefault(method, []).append(override)
+    todo = [c for c in grid(args) if cell_name(c) not in done]
+    print(f"{len(todo)} cells to run ({len(done)} already in {results_path})", flush=True)
+    lock = threading.Lock()
+
+    def one(cell: Dict[str, Any]) -> None:
+        name = cell_name(cell)
+        ov = cell_overrides(cell, args.data[cell["dataset"]], runs_root, sets, args.extra)
+        try:
+            rec = run_cell(cell, ov, runs_root, args.config)
+        except subprocess.CalledProcessError as exc:
+            print(f"{name}: FAILED (exit {exc.returncode}, see {runs_root / (name + '.log')})", flush=True)
+            return
+        with lock:
+            with open(results_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print(f"{name:44s} AUC {rec['auc_1']:.4f} (best {rec['auc_best']:.4f} @ {rec['best_epoch']})  "
+              f"{rec['total_bytes']:>11,} B {rec['compression']:8.1f}x  {rec['wall_s']:.0f} s", flush=True)
+
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, todo))
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (dataset, method, budget, hot, epochs, tag) with mean/std over seeds."""
+    groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
+    for r in records:
+        key = (r["dataset"], r["method"], r["budget"], r["hot"], r["epochs"], r.get("tag") or "")
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (ds, method, budget, hot, epochs, tag), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+
+        def stats(field: str) -> Tuple[float, float]:
+            vals = [r[field] for r in rs]
+            return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")
+
+        row = {"dataset": ds, "method": method, "budget": budget, "hot": hot, "epochs": epochs, "tag": tag,
+               "seeds": [r["seed"] for r in rs], "auc_1_by_seed": {r["seed"]: r["auc_1"] for r in rs},
+               "auc_best_by_seed": {r["seed"]: r["auc_best"] for r in rs},
+               "total_bytes": rs[0]["total_bytes"], "compression": rs[0]["compression"],
+               "optimizer_state_bytes": rs[0]["optimizer_state_bytes"], "oracle_auc": rs[0].get("oracle_auc"),
+               "best_epochs": [r["best_epoch"] for r in rs]}
+        for field in ("auc_1", "logloss_1", "auc_best", "logloss_best"):
+            row[field], row[field + "_std"] = stats(field)
+        rows.append(row)
+    return rows
+
+
+def _full_of(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    return next((r for r in rows if r["method"] == "full" and r["dataset"] == row["dataset"]
+                 and r["epochs"] == row["epochs"] and r["tag"] == row["tag"]), None)
+
+
+def delta(row: Dict[str, Any], full: Dict[str, Any], field: str) -> Tuple[float, float, int]:
+    """(mean over common seeds of row - full, std of the per-seed differences, number of common seeds)."""
+    a, b = row[f"{field}_by_seed"], full[f"{field}_by_seed"]
+    common = sorted(set(a) & set(b), key=str)
+    diffs = [a[s] - b[s] for s in common]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else float("nan"), len(diffs)
+
+
+def markdown(rows: List[Dict[str, Any]], tolerance: float) -> str:
+    lines = ["| dataset | method | budget | hot share | bytes kept (ratio) | optimizer state | val AUC, 1 epoch "
+             "(mean ± std) | Δ AUC vs full (per-seed diff, mean ± std) | logloss, 1 epoch | best of epochs AUC "
+             "[epoch] | Δ best vs full's best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["dataset"], r["tag"], -r["budget"], r["method"], r["hot"])):
+        full = _full_of(rows, row)
+        d1 = delta(row, full, "auc_1") if full else (float("nan"),) * 3
+        db = delta(row, full, "auc_best") if full else (float("nan"),) * 3
+        budget = "1" if row["method"] in ("full", "full_mod") else f"1/{round(1 / row['budget'])}"
+        lines.append(
+            f"| {row['dataset']}{'/' + row['tag'] if row['tag'] else ''} | {row['method']} | {budget} | {row['hot']:g} | "
+            f"{row['total_bytes']:,} ({row['compression']:.1f}x) | {row['optimizer_state_bytes']:,} | "
+            f"{row['auc_1']:.4f} ± {row['auc_1_std']:.4f} (n={len(row['seeds'])}) | {d1[0]:+.4f} ± {d1[1]:.4f} | "
+            f"{row['logloss_1']:.4f} | {row['auc_best']:.4f} {row['best_epochs']} | {db[0]:+.4f} ± {db[1]:.4f} |")
+    lines += ["", f"Smallest bytes within {tolerance} val AUC of full (1 epoch, mean over seeds), per method:", ""]
+    for ds in sorted({r["dataset"] for r in rows}):
+        for method in METHODS[2:]:
+            cands = [r for r in rows if r["dataset"] == ds and r["method"] == method]
+            if not cands:
+                continue
+            ok = [r for r in cands if (f := _full_of(rows, r)) and delta(r, f, "auc_1")[0] >= -tolerance]
+            if ok:
+                best = min(ok, key=lambda r: r["total_bytes"])
+                lines.append(f"- {ds} {method}: {best['total_bytes']:,} B ({best['compression']:.1f}x, hot share "
+                             f"{best['hot']:g})")
+            else:
+                close = max(cands, key=lambda r: r["auc_1"] - ((_full_of(rows, r) or r)["auc_1"]))
+                f = _full_of(rows, close)
+                lines.append(f"- {ds} {method}: none; closest {delta(close, f, 'auc_1')[0]:+.4f} at "
+                             f"{close['compression']:.1f}x, hot share {close['hot']:g}" if f else f"- {ds} {method}: no full")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(results)
-    seeds = sorted({s for a in agg for s in a["seeds"]})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = {"memrec": "C0", "lma": "C1", "robe": "C2", "hash": "C3", "qr": "C4", "full": "k"}
-    for ds, style in (("semantic", "-"), ("control", "--")):
-        rows = [a for a in agg if a["dataset"] == ds]
-        for method in colors:
-            pts = sorted((a["total_bytes"], a["auc_mean"], a["auc_min"], a["auc_max"]) for a in rows
-                         if a["method"] == method)
-            if not pts:
-                continue
-            xs, ys, lo, hi = zip(*pts)
-            ax.errorbar(xs, ys, yerr=[[y - v for y, v in zip(ys, lo)], [v - y for y, v in zip(ys, hi)]],
-                        fmt=style, marker="*" if method == "full" else "o", color=colors[method], ms=5, capsize=2,
-                        label=f"{method} ({ds})")
-        oracle = next((a["oracle_auc"] for a in rows if a.get("oracle_auc")), None)
-        if oracle:
-            ax.axhline(oracle, color="grey", lw=0.8, ls=style)
-            ax.annotate(f"oracle ({ds}) {oracle:.4f}", (ax.get_xlim()[0] if ax.get_xlim()[0] > 0 else 1e4, oracle),
-                        fontsize=7, color="grey", va="bottom")
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding memory kept (bytes, trainer memory report; log scale)")
-    ax.set_ylabel("val AUC (mean; bars: min-max over seeds)")
-    ax.set_title(f"AUC vs memory, synthetic tiny log (50k rows/day), seeds {seeds}, 1 epoch", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    datasets = sorted({(r["dataset"], r["tag"]) for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 5), squeeze=False)
+    colors = {"hash": "C3", "robe": "C2", "memrec": "C0", "lma": "C1", "qr": "C4"}
+    for ax, (ds, tag) in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == ds and r["tag"] == tag]
+        full = next((r for r in mine if r["method"] == "full"), None)
+        for method, color in colors.items():
+            for hot in sorted({r["hot"] for r in mine if r["method"] == method}):
+                pts = sorted((r["total_bytes"], r["auc_1"], r["auc_1_std"]) for r in mine
+                             if r["method"] == method and r["hot"] == hot)
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], color=color, capsize=2, marker="o",
+                                ls="-" if hot > 0 else "--", label=f"{method}" + (f" hot {hot:g}" if hot else ""))
+        if full:
+            ax.axhline(full["auc_1"], color="k", lw=1)
+            ax.axhspan(full["auc_1"] - 0.001, full["auc_1"], color="k", alpha=0.08)
+            ax.annotate(f"full {full['auc_1']:.4f} ({full['total_bytes'] / 2**20:.1f} MiB)",
+                        (ax.get_xlim()[0], full["auc_1"]), fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes kept (parameters + buffers), log scale")
+        ax.set_ylabel("val AUC after 1 epoch (mean ± std over seeds)")
+        ax.set_title(f"{ds}{'/' + tag if tag else ''}: quality per byte", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
-def markdown(results: Dict[str, Any], tolerance: float = 0.001) -> str:
-    """Mean val AUC [each seed] (compression vs full) per method x budget and dataset; logloss; the smallest
-    memory within ``tolerance`` AUC of full; the oracle AUC."""
-    agg = aggregate(results)
-    budgets = sorted({a["budget"] for a in agg if a["method"] != "full"}, reverse=True)
-    seeds = sorted({s for a in agg for s in a["seeds"]})
-    head = "| dataset | method | " + " | ".join(f"1/{round(1 / b)}" for b in budgets) + " |"
-    rule = "|---|---|" + "---|" * len(budgets)
-    lines = [f"Seeds {seeds}. Cells: mean over seeds [seed values] (compression vs full, trainer memory report).", "",
-             "### val AUC", "", head, rule]
-    datasets = list(dict.fromkeys(a["dataset"] for a in agg))
-    methods = list(dict.fromkeys(a["method"] for a in agg if a["method"] != "full"))
-
-    def find(ds: str, m: str, b: float) -> Any:
-        return next((a for a in agg if a["dataset"] == ds and a["method"] == m and a["budget"] == b), None)
-
-    def cell(a: Any, key: str, per: str, fmt: str, comp: bool) -> str:
-        if a is None:
-            return "-"
-        vals = ", ".join(format(v, fmt) for v in a[per])
-        return f"{a[key]:{fmt}} [{vals}]" + (f" ({a['compression']:.1f}x)" if comp else "")
-
-    for ds in datasets:
-        full = find(ds, "full", 1.0)
-        if full:
-            lines.append(f"| {ds} | full ({full['total_bytes']:,} B) | " + " | ".join(
-                cell(full, "auc_mean", "val_auc", ".4f", False) for _ in budgets) + " |")
-        for m in methods:
-            lines.append(f"| {ds} | {m} | " + " | ".join(cell(find(ds, m, b), "auc_mean", "val_auc", ".4f", True)
-                                                      for b in budgets) + " |")
-    lines += ["", "### val logloss", "", head, rule]
-    for ds in datasets:
-        full = find(ds, "full", 1.0)
-        if full:
-            lines.append(f"| {ds} | full | " + " | ".join(
-                cell(full, "logloss_mean", "val_logloss", ".4f", False) for _ in budgets) + " |")
-        for m in methods:
-            lines.append(f"| {ds} | {m} | " + " | ".join(
-                cell(find(ds, m, b), "logloss_mean", "val_logloss", ".4f", False) for b in budgets) + " |")
-    lines += ["", f"### Smallest memory within {tolerance} AUC of full (mean over seeds)", "",
-              "| dataset | full AUC (mean) | oracle AUC | " + " | ".join(methods) + " |",
-              "|---|---|---|" + "---|" * len(methods)]
-    for ds in datasets:
-        full = find(ds, "full", 1.0)
-        if full is None:
-            continue
-        cells = []
-        for m in methods:
-            ok = [a for a in agg if a["dataset"] == ds and a["method"] == m
-                  and a["auc_mean"] >= full["auc_mean"] - tolerance]
-            if ok:
-                best = min(ok, key=lambda a: a["total_bytes"])
-                cells.append(f"{best['total_bytes']:,} B ({best['compression']:.1f}x, AUC {best['auc_mean']:.4f})")
-            else:
-                gap = max(a["auc_mean"] for a in agg if a["dataset"] == ds and a["method"] == m) - full["auc_mean"]
-                cells.append(f"none (best {gap:+.4f})")
-        oracle = full.get("oracle_auc")
-        lines.append(f"| {ds} | {full['auc_mean']:.4f} | {oracle if oracle is None else format(oracle, '.4f')} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def report(args: argparse.Namespace) -> None:
+    rows = aggregate(read_results(Path(args.results)))
+    text = markdown(rows, args.tolerance)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    if args.plot:
+        plot(rows, Path(args.plot))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="semantic=/tmp/q_tiny,control=/tmp/q_tiny_control")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--methods", default="memrec,lma,robe,hash,qr")
-    p.add_argument("--budgets", default="0.25,0.0625,0.015625,0.00390625")
-    p.add_argument("--extra", default="", help="';'-separated extra overrides for every run")
-    p.add_argument("--runs-root", default="/tmp/quality_runs")
-    p.add_argument("--out", default="benchmarks/results/quality.json")
-    p.add_argument("--plot", default="docs/img/auc_vs_memory.png")
-    p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--seeds", default="0", help="training.seed values, e.g. 0,1")
-    p.add_argument("--tolerance", type=float, default=0.001, help="AUC gap to full that still counts as equal")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the cells not yet in --results")
+    r.add_argument("--data", required=True, help="name=path[,name=path]")
+    r.add_argument("--config", default="configs/default.yaml")
+    r.add_argument("--methods", default=",".join(METHODS))
+    r.add_argument("--budgets", default="0.1,0.01,0.001", help="fractions of the full tables' bytes")
+    r.add_argument("--hot", default="0,0.5", help="hot shares")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--tag", default="", help="names a variant (with --set/--extra) so its cells are distinct")
+    r.add_argument("--set", action="append", default=[], help="METHOD:section.key=value (or *:...), repeatable")
+    r.add_argument("--extra", action="append", default=[], help="override for every run, repeatable")
+    r.add_argument("--results", required=True)
+    r.add_argument("--runs-root", default="runs/quality")
+    r.add_argument("--jobs", type=int, default=1)
+    q = sub.add_parser("report", help="tables and plot from --results")
+    q.add_argument("--results", required=True)
+    q.add_argument("--out", default=None)
+    q.add_argument("--plot", default=None)
+    q.add_argument("--tolerance", type=float, default=0.001)
     args = p.parse_args(argv)
-    out = ROOT / args.out
-    if args.plot_only:
-        results = json.loads(out.read_text())
-        plot(results, ROOT / args.plot)
-        out.with_suffix(".md").write_text(markdown(results, args.tolerance))
-        return
-    datasets = dict(kv.split("=", 1) for kv in args.data.split(","))
-    methods = args.methods.split(",")
-    budgets = [float(b) for b in args.budgets.split(",")]
-    extra = [e for e in args.extra.split(";") if e]
-    results: Dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": vars(args),
-                               "runs": []}
-    runs_root = Path(args.runs_root)
-    runs_root.mkdir(parents=True, exist_ok=True)
-    seeds = [int(x) for x in args.seeds.split(",") if x]
-    jobs = []
-    for seed in seeds:
-        for ds in datasets:  # semantic first, budgets interleaved so a cut-off run still covers every method
-            jobs.append((ds, "full", 1.0, seed))
-            for b in budgets:
-                for m in methods:
-                    jobs.append((ds, m, b, seed))
-    for ds, method, budget, seed in jobs:
-        path = datasets[ds]
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
-        total_rows = sum(manifest["num_embeddings_per_feature"])
-        days = int(manifest["num_days"])
-        split = [f"data.train_days=[{','.join(str(d) for d in range(days - 1))}]", f"data.eval_day={days - 1}"]
-        name = f"{ds}_{method}_{budget:g}" + (f"_s{seed}" if seed else "")
-        index_path = str(runs_root / f"lma_index_{ds}.npz")
-        ov = [f"data.path={path}", *split, *method_overrides(method, budget, total_rows, index_path),
-              f"training.seed={seed}", *extra]
-        rec: Dict[str, Any] = {"dataset": ds, "method": method, "budget": budget, "seed": seed, "overrides": ov}
-        try:
-            rec.update(run_one(args.config, ov, runs_root / name, runs_root / f"{name}.log", prepare=method == "lma"))
-            print(f"{name:32s} AUC {rec['val_auc']:.4f}  {rec['total_bytes']:>10,} B  {rec['compression']:7.1f}x  "
-                  f"{rec['wall_s']:.0f}s", flush=True)
-        except subprocess.CalledProcessError as e:
-            rec["error"] = f"exit {e.returncode}, see {runs_root / (name + '.log')}"
-            print(f"{name}: FAILED ({rec['error']})", flush=True)
-        results["runs"].append(rec)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
-    plot(results, ROOT / args.plot)
-    out.with_suffix(".md").write_text(markdown(results, args.tolerance))
+    if args.command == "run":
+        args.data = dict(kv.split("=", 1) for kv in args.data.split(","))
+        args.methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+        args.budgets = [float(b) for b in args.budgets.split(",")]
+        args.hot = [float(h) for h in args.hot.split(",")]
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        run(args)
+    else:
+        report(args)
 
 
 if __name__ == "__main__":
