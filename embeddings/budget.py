@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from embeddings.checks import check_int, where
 from embeddings.hot_rows import HotSet
-from embeddings.types import SparseArchContext, full_table_bytes
+from embeddings.types import SparseArchContext
 
 FLOAT_BYTES = 4
 
@@ -53,6 +53,11 @@ class BudgetOptions:
         check_int("hot_min_count", self.hot_min_count, 1)
 
     @property
+    def needs_table_sizes(self) -> bool:
+        """Whether building the module needs the full tables' sizes (a budget is a fraction of them)."""
+        return self.budget is not None
+
+    @property
     def needs_id_counts(self) -> bool:
         """Whether building the module needs the training data's id counts (``compactrec prepare``)."""
         return self.hot_share > 0
@@ -60,7 +65,8 @@ class BudgetOptions:
 
 def budget_bytes(ctx: SparseArchContext, budget: float) -> int:
     """The budget in bytes: ``budget`` x the full tables' bytes, rounded down."""
-    return int(math.floor(float(budget) * full_table_bytes(ctx)))
+    full = sum(ctx.table_sizes(where("budget"))) * ctx.embedding_dim * FLOAT_BYTES
+    return int(math.floor(float(budget) * full))
 
 
 def select_hot(ctx: SparseArchContext, options: BudgetOptions, row_bytes: int) -> HotSet:

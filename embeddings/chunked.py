@@ -295,11 +295,13 @@ def group_rows(groups: FeatureGroups, full_rows: Sequence[int], dim: int, width:
                memory_fraction: Optional[float], num_rows: Optional[int]) -> List[int]:
     """Rows (of ``width`` floats) of each group's table: a fraction of the group's full tables, or
     ``num_rows`` split over the groups in proportion to their full-table sizes (at least 1 each)."""
+    if num_rows is not None and len(groups.groups) == 1:
+        return [num_rows]
     full = [sum(int(full_rows[i]) for i, g in enumerate(groups.group_of_feature) if g == gi)
             for gi in range(len(groups.groups))]
     if num_rows is not None:
         total = sum(full)
-        return [max(1, int(round(num_rows * n / total))) for n in full] if len(full) > 1 else [num_rows]
+        return [max(1, int(round(num_rows * n / total))) for n in full]
     fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else float(memory_fraction)
     return [sized_rows(n, fraction, width, dim) for n in full]
 

@@ -67,6 +67,10 @@ class FullOptions:
     def needs_id_counts(self) -> bool:
         return self.ids == "vocabulary"
 
+    @property
+    def needs_table_sizes(self) -> bool:
+        return self.ids == "mod"
+
 
 def table_name(feature: str) -> str:
     return f"t_{feature}"
@@ -84,7 +88,7 @@ def build(ctx: SparseArchContext, options: FullOptions) -> nn.Module:
             feature_names=[feature],
             pooling=pooling,
         )
-        for feature, rows in zip(ctx.feature_names, ctx.num_embeddings_per_feature)
+        for feature, rows in zip(ctx.feature_names, ctx.table_sizes("full with ids 'mod'"))
     ]
     return EmbeddingBagCollection(tables=tables, device=ctx.device)
 

@@ -38,6 +38,7 @@ from embeddings.chunked import (
     remapped_spec,
     sized_rows,
     uniform_init,
+    where,
     wrap_of,
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
@@ -78,6 +79,10 @@ class HashOptions(BudgetOptions):
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
 
+    @property
+    def needs_table_sizes(self) -> bool:
+        return self.num_rows is None
+
 
 class HashLayout(RemapLayout):
     """One ``rows_f x dim`` table per feature, ``hash_<feature>``; ids mapped to rows in ``expand``."""
@@ -93,7 +98,7 @@ class HashLayout(RemapLayout):
             self.rows = [options.num_rows] * len(self.feature_names)
         else:
             fraction = DEFAULT_MEMORY_FRACTION if options.memory_fraction is None else options.memory_fraction
-            self.rows = [sized_rows(int(n), fraction, 1, 1) for n in ctx.num_embeddings_per_feature]
+            self.rows = [sized_rows(int(n), fraction, 1, 1) for n in ctx.table_sizes(where("memory_fraction"))]
 
     def _budget_rows(self, ctx: SparseArchContext, options: HashOptions) -> List[int]:
         """Hashed rows per feature from the byte budget (sets the hot set first)."""
@@ -103,7 +108,7 @@ class HashLayout(RemapLayout):
         self.hot = HotLookup(hot)
         fixed = 3 * 8 * len(self.feature_names) + hot_bytes(hot) + hot.total * row_bytes  # salts, rows, wrap
         tail = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers") // row_bytes
-        left = [max(0, int(n) - h) for n, h in zip(ctx.num_embeddings_per_feature, hot.sizes())]
+        left = [max(0, int(n) - h) for n, h in zip(ctx.table_sizes(where("budget")), hot.sizes())]
         return split_rows(tail, left, "the hashed tables")
 
     def table_name(self, feature: str) -> str:

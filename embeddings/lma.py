@@ -37,7 +37,7 @@ from embeddings.chunked import (
 )
 from embeddings.hashing import salted_hash
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
-from embeddings.hot_rows import HotSet
+from embeddings.hot_rows import HotSet, hot_bytes
 from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts, value_keys
 from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
 from embeddings.types import SparseArchContext
@@ -55,9 +55,9 @@ class LmaOptions(ChunkedOptions):
     - ``sample_rows``: training rows the index samples (the paper's 125,000), capped by the data size.
     - ``min_count``: index only values occurring in at least this many sampled rows (the rest use the
       random fallback; a larger value shrinks the dictionary counted in the memory report).
-    - ``dictionary_share``: with ``budget``, the dictionary keeps at most this share of the budget: the index's
-      most frequent values first (the others use the random fallback). Null = the whole index (an error if it
-      does not fit).
+    - ``dictionary_share``: with ``budget``, the dictionary keeps at most this share of the budget left after
+      the hot rows: the index's most frequent values first (the others use the random fallback). Null = the
+      whole index (an error if it does not fit).
     """
 
     num_hashes: int = 2
@@ -176,7 +176,8 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
             entry = 8 + 4 * header.num_chunks
             limit = None
             if options.budget is not None and options.dictionary_share is not None:
-                limit = int(options.dictionary_share * budget_bytes(ctx, options.budget)) // entry
+                left = budget_bytes(ctx, options.budget) - hot_bytes(hot) - hot.total * ctx.embedding_dim * 4
+                limit = max(0, int(options.dictionary_share * left)) // entry
             keep["mask"] = kept_entries(options.index_path, hot, limit)  # type: ignore[arg-type]
             return 8 * len(ctx.feature_names) + int(keep["mask"].sum()) * entry
 

@@ -93,6 +93,10 @@ class QrOptions(BudgetOptions):
         if self.hash == "identity" and self.hot_share > 0:
             raise ValueError("embeddings.options.hash 'identity' is the plain QR trick: it takes no hot rows")
 
+    @property
+    def needs_table_sizes(self) -> bool:
+        return True  # ids are mapped into each feature's full table before the split
+
 
 class QrLayout(RemapLayout):
     """Stacked quotient and remainder tables, looked up per id (see the module docstring)."""
@@ -101,7 +105,7 @@ class QrLayout(RemapLayout):
 
     def __init__(self, ctx: SparseArchContext, options: QrOptions, table_prefix: str = "qr") -> None:
         super().__init__(ctx.feature_names, ctx.embedding_dim, table_prefix)
-        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
+        self.full_rows = ctx.table_sizes("qr (ids are hashed into each feature's full table, then split)")
         if options.budget is not None:
             options = dataclasses.replace(options, num_collisions=self._budget_collisions(ctx, options))
         self.options = options

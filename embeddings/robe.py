@@ -99,6 +99,11 @@ class ChunkedOptions(BudgetOptions):
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
 
+    @property
+    def needs_table_sizes(self) -> bool:
+        """Sized in rows of one array, the full sizes are needed only to split rows over feature groups."""
+        return self.num_rows is None or self.feature_groups is not None
+
 
 @dataclass
 class RobeOptions(ChunkedOptions):
@@ -195,8 +200,11 @@ class ChunkLayout(RemapLayout):
             raise ValueError(f"{where('chunk_size')}={self.chunk_size} must divide model.embedding_dim={dim}")
         self.num_chunks = dim // self.chunk_size
         self.options = options
-        self.full_rows = [int(n) for n in ctx.num_embeddings_per_feature]
         self.groups = FeatureGroups.resolve(self.feature_names, options.feature_groups)
+        needs_sizes = (options.num_rows is None or len(self.groups.groups) > 1
+                       or getattr(options, "hash", "mix") == "identity")
+        self.full_rows = ctx.table_sizes(f"{method} sized by {where('memory_fraction')}/{where('budget')}, "
+                                         "feature groups or hash 'identity'") if needs_sizes else []
         if options.budget is not None:
             self.rows_per_group = self._budget_rows(ctx, options, extra_bytes)
         else:
@@ -216,7 +224,7 @@ class ChunkLayout(RemapLayout):
         fixed = own + hot_bytes(hot) + hot.total * self.embedding_dim * FLOAT_BYTES + extra_bytes(hot)
         rows = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers")
         rows //= self.chunk_size * FLOAT_BYTES
-        left = [max(0, int(n) - h) for n, h in zip(ctx.num_embeddings_per_feature, hot.sizes())]
+        left = [max(0, int(n) - h) for n, h in zip(self.full_rows, hot.sizes())]
         weights = [sum(left[i] for i, g in enumerate(self.groups.group_of_feature) if g == gi)
                    for gi in range(len(self.groups.groups))]
         return split_rows(rows, weights, f"the {self.method} arrays")

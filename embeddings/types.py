@@ -25,31 +25,43 @@ class SparseArchContext:
     """What the trainer knows about the sparse features when it builds the embedding module.
 
     ``num_embeddings_per_feature`` are the sizes of the *full* (uncompressed) tables of the model: the
-    reference every compression ratio is computed against. ``pooling_factors`` is the mean number of ids
+    reference every compression ratio is computed against; None when unknown (raw hashed ids and a method
+    sized in rows need none: :meth:`table_sizes` names what needs them). ``pooling_factors`` is the mean number of ids
     per sample and feature (1.0 for one-hot data). ``id_counts`` are the training data's id frequencies
     (``compactrec prepare``), for methods with hot rows or a vocabulary; None when the config needs none.
     """
 
     feature_names: Sequence[str]
-    num_embeddings_per_feature: Sequence[int]
+    num_embeddings_per_feature: Optional[Sequence[int]]
     embedding_dim: int
     device: torch.device
     pooling_factors: Optional[Sequence[float]] = None
     id_counts: Optional["IdCounts"] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if len(self.feature_names) != len(self.num_embeddings_per_feature):
-            raise ValueError(
-                f"{len(self.feature_names)} feature names but "
-                f"{len(self.num_embeddings_per_feature)} table sizes"
-            )
-        for name, rows in zip(self.feature_names, self.num_embeddings_per_feature):
+        sizes = self.num_embeddings_per_feature
+        if sizes is not None and len(self.feature_names) != len(sizes):
+            raise ValueError(f"{len(self.feature_names)} feature names but {len(sizes)} table sizes")
+        for name, rows in zip(self.feature_names, sizes or []):
             if rows <= 0:
                 raise ValueError(f"table size of feature {name!r} must be positive, got {rows}")
         if self.embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if self.pooling_factors is not None and len(self.pooling_factors) != len(self.feature_names):
             raise ValueError("pooling_factors must have one entry per feature")
+
+    @property
+    def has_table_sizes(self) -> bool:
+        return self.num_embeddings_per_feature is not None
+
+    def table_sizes(self, needed_by: str) -> List[int]:
+        """The full tables' sizes; a clear error naming ``needed_by`` when they are unknown."""
+        if self.num_embeddings_per_feature is None:
+            raise ValueError(
+                f"{needed_by} needs the full tables' sizes, which are unknown: set embeddings.num_embeddings_per_feature, "
+                "or take them from the data (embeddings.table_sizes: counts, then `compactrec prepare CONFIG`), or "
+                "size the method in rows (e.g. embeddings.options.num_rows / num_token_rows)")
+        return [int(n) for n in self.num_embeddings_per_feature]
 
     def pooling_factor(self, index: int) -> float:
         return 1.0 if self.pooling_factors is None else float(self.pooling_factors[index])
@@ -89,7 +101,7 @@ class MemoryReport:
 
     tables: List[TableMemory]
     optimizer_state_bytes: int
-    full_table_bytes: int
+    full_table_bytes: Optional[int]  # None when the full tables' sizes are unknown
 
     @property
     def parameter_bytes(self) -> int:
@@ -105,8 +117,15 @@ class MemoryReport:
         return self.parameter_bytes + self.buffer_bytes
 
     @property
-    def compression_ratio(self) -> float:
-        return self.full_table_bytes / max(1, self.total_bytes)
+    def compression_ratio(self) -> Optional[float]:
+        """Full tables' bytes / bytes kept; None when the full tables' sizes are unknown."""
+        return None if self.full_table_bytes is None else self.full_table_bytes / max(1, self.total_bytes)
+
+    def versus_full(self) -> str:
+        """"vs full tables X: Nx smaller", or that the full tables' sizes are unknown."""
+        if self.full_table_bytes is None or self.compression_ratio is None:
+            return "full tables' sizes unknown (no compression ratio)"
+        return f"vs full tables {self.full_table_bytes:,} B: {self.compression_ratio:,.1f}x smaller"
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -168,6 +187,11 @@ class SparseArchSpec:
         return self.ids_for(options) if self.ids_for is not None else self.ids
 
     @staticmethod
+    def needs_table_sizes(options: Any) -> bool:
+        """Whether a module built with ``options`` needs the full tables' sizes (True unless the options say)."""
+        return bool(getattr(options, "needs_table_sizes", True))
+
+    @staticmethod
     def needs_id_counts(options: Any) -> bool:
         """Whether a module built with ``options`` needs the training data's id counts in its context."""
         return bool(getattr(options, "needs_id_counts", False))
@@ -198,8 +222,10 @@ def table_memory(name: str, tensor: torch.Tensor, kind: str) -> TableMemory:
     return TableMemory(name, rows, cols, int(tensor.numel() * tensor.element_size()), kind)
 
 
-def full_table_bytes(ctx: SparseArchContext) -> int:
-    """fp32 bytes of the uncompressed tables of the model (the compression reference)."""
+def full_table_bytes(ctx: SparseArchContext) -> Optional[int]:
+    """fp32 bytes of the uncompressed tables of the model (the compression reference); None when unknown."""
+    if ctx.num_embeddings_per_feature is None:
+        return None
     return sum(int(n) for n in ctx.num_embeddings_per_feature) * ctx.embedding_dim * 4
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 
 def load_run(run_dir: Path) -> Dict[str, Any]:
@@ -25,8 +25,12 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
         val, test = m["val"], m.get("test", {})
         lines.append(
             f"{run_dir.name:<24} {m['embeddings']:<8} {m['memory']['total_bytes']:>16,} "
-            f"{m['memory']['compression_ratio']:>8.1f}x {val['auc']:>8.4f} {val['auc'] - ref_auc:>+8.4f} "
+            f"{_ratio(m['memory'].get('compression_ratio')):>9} {val['auc']:>8.4f} {val['auc'] - ref_auc:>+8.4f} "
             f"{val['logloss']:>8.4f} {test.get('auc', float('nan')):>8.4f} {val.get('oracle_auc', float('nan')):>7.4f} "
             f"{m['samples_per_s']:>10,.0f}"
         )
     return "\n".join(lines)
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1f}x"

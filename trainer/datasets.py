@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -14,12 +15,13 @@ if TYPE_CHECKING:
     from embeddings.id_counts import IdCounts
 
 MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     feature_names: List[str]
-    num_embeddings_per_feature: List[int]
+    num_embeddings_per_feature: Optional[List[int]]  # None: unknown, and the method needs none
     pooling_factors: Optional[List[float]]
     manifest: Optional[Dict[str, Any]]
     id_counts: Optional["IdCounts"] = None  # loaded when the config needs them (trainer.id_counts.needs_counts)
@@ -42,7 +44,7 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
 
     ``require_data=False`` (planning) accepts a missing data directory when the config gives the sizes.
     """
-    from trainer.id_counts import load_checked_counts, needs_counts, sizes_from_counts
+    from trainer.id_counts import counts_path, load_checked_counts, needs_counts, sizes_from_counts
 
     names = list(loader.feature_names()[1])
     path = Path(config.data.path)
@@ -52,12 +54,16 @@ def dataset_info(config: Config, require_data: bool = True) -> DatasetInfo:
             f"`compactrec generate small --out {path}` or point data.path at Criteo files"
         )
     manifest = read_manifest(path) if path.is_dir() else None
-    counts = load_checked_counts(config) if path.exists() and needs_counts(config) else None
+    from_counts = sizes_from_counts(config)
+    use_counts = path.exists() and (needs_counts(config) or (from_counts == "optional"
+                                                             and counts_path(config.data).is_file()))
+    counts = load_checked_counts(config) if use_counts else None
     sizes = config.embeddings.num_embeddings_per_feature
-    if sizes is None and sizes_from_counts(config):
-        if counts is None:
-            raise ValueError(f"embeddings.num_embeddings_per_feature is null and the table sizes come from the id "
-                             f"counts of {path}, which do not exist; run `compactrec prepare CONFIG`")
+    if sizes is None and from_counts != "no":
+        if counts is None:  # "optional": the method needs no sizes, and no counts were built
+            logger.info("no table sizes (config, %s or id counts): training without a compression ratio",
+                        path / MANIFEST)
+            return DatasetInfo(names, None, loader.pooling_factors(config.data), manifest, None)
         sizes = counts.table_sizes()
         where = f"id counts of {path} (distinct training values + 1)"
     elif sizes is None:

@@ -66,7 +66,8 @@ def export_checkpoint(config: Config, out: Path, checkpoint_dir: Optional[Path] 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "config": to_dict(config), "embeddings": config.embeddings.kind, "ids": arch.ids,
         "feature_names": list(info.feature_names),
-        "num_embeddings_per_feature": [int(n) for n in info.num_embeddings_per_feature],
+        "num_embeddings_per_feature": (None if info.num_embeddings_per_feature is None
+                                       else [int(n) for n in info.num_embeddings_per_feature]),
         "checkpoint": {"path": str(path), **meta},
     }
     out = Path(out)

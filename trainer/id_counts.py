@@ -9,7 +9,9 @@ stale one, training refuses it naming what differs.
 
 Who needs it (:func:`needs_counts`): hot rows (``embeddings.options.hot_share > 0``), ``full`` with
 ``ids: vocabulary``, and table sizes taken from the data (``embeddings.table_sizes: counts``, or ``auto``
-without sizes in the config or the manifest).
+without sizes in the config or the manifest when the method needs sizes). A method that needs no sizes
+(raw hashed ids, sized in rows) trains without them under ``auto``: its compression ratio is then reported
+only if the counts exist anyway.
 """
 
 from __future__ import annotations
@@ -47,22 +49,30 @@ def manifest_has_sizes(data: DataConfig) -> bool:
     return manifest is not None and "num_embeddings_per_feature" in manifest
 
 
-def sizes_from_counts(config: Config) -> bool:
-    """Whether the full tables' sizes come from the id counts: ``table_sizes: counts``, or ``auto`` with no
-    sizes in the config and an existing data directory whose manifest gives none."""
+def _spec_options(config: Config) -> Any:
+    spec = registry.get(config.embeddings.kind)
+    return spec, from_dict(spec.options_type, config.embeddings.options, source="config", prefix="embeddings.options")
+
+
+def sizes_from_counts(config: Config) -> str:
+    """Whether the full tables' sizes come from the id counts: "required" (``table_sizes: counts``, or ``auto``
+    with no sizes in the config nor the manifest of an existing data directory, for a method that needs
+    sizes), "optional" (the same for a method that needs none: used when the counts exist) or "no"."""
     emb = config.embeddings
     if emb.num_embeddings_per_feature is not None or emb.table_sizes == "manifest":
-        return False
+        return "no"
     if emb.table_sizes == "counts":
-        return True
-    return Path(config.data.path).is_dir() and not manifest_has_sizes(config.data)
+        return "required"
+    if not Path(config.data.path).is_dir() or manifest_has_sizes(config.data):
+        return "no"
+    spec, options = _spec_options(config)
+    return "required" if spec.needs_table_sizes(options) else "optional"
 
 
 def needs_counts(config: Config) -> bool:
-    """Whether building this config's model needs the id counts."""
-    spec = registry.get(config.embeddings.kind)
-    options = from_dict(spec.options_type, config.embeddings.options, source="config", prefix="embeddings.options")
-    return spec.needs_id_counts(options) or sizes_from_counts(config)
+    """Whether building this config's model needs the id counts (``prepare`` builds them then)."""
+    spec, options = _spec_options(config)
+    return spec.needs_id_counts(options) or sizes_from_counts(config) == "required"
 
 
 def count_ids(data: DataConfig, rows_per_chunk: int = 1 << 16) -> IdCounts:

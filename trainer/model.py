@@ -36,14 +36,15 @@ class SparseArch:
 def sparse_context(
     config: Config,
     feature_names: Sequence[str],
-    num_embeddings_per_feature: Sequence[int],
+    num_embeddings_per_feature: Optional[Sequence[int]],
     device: torch.device,
     pooling_factors: Optional[Sequence[float]] = None,
     id_counts: Optional[Any] = None,
 ) -> SparseArchContext:
     return SparseArchContext(
         feature_names=list(feature_names),
-        num_embeddings_per_feature=[int(n) for n in num_embeddings_per_feature],
+        num_embeddings_per_feature=(None if num_embeddings_per_feature is None
+                                    else [int(n) for n in num_embeddings_per_feature]),
         embedding_dim=config.model.embedding_dim,
         device=device,
         pooling_factors=pooling_factors,

@@ -30,6 +30,6 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
     nodes = world_size // local_world_size
     header = (f"plan for {nodes} node(s) x {local_world_size} {device} rank(s) (world size {world_size}), "
               f"embeddings.kind={config.embeddings.kind}, {config.model.arch}")
-    memline = (f"embedding memory {mem.total_bytes:,} B vs full tables {mem.full_table_bytes:,} B: "
-               f"compression ratio {mem.compression_ratio:,.1f}x (optimizer state {mem.optimizer_state_bytes:,} B)")
+    memline = (f"embedding memory {mem.total_bytes:,} B {mem.versus_full()} (optimizer state "
+               f"{mem.optimizer_state_bytes:,} B)")
     return "\n".join([header, format_plan(rows, world_size), memline])

@@ -52,10 +52,10 @@ class Reporter:
         m = self.memory
         logger.info(
             "training %s tables on %d rank(s) (%s, %s): %d steps of global batch %d; embedding memory %s "
-            "(+ %s optimizer state) vs full tables %s: %.1fx smaller",
+            "(+ %s optimizer state) %s",
             self.config.embeddings.kind, self.ctx.world_size, self.ctx.device.type, self.ctx.backend,
             self.total_steps, self.global_batch, _human_bytes(m.total_bytes), _human_bytes(m.optimizer_state_bytes),
-            _human_bytes(m.full_table_bytes), m.compression_ratio,
+            m.versus_full(),
         )
 
     def on_step(self, step: int, loss: float) -> None:
@@ -117,8 +117,9 @@ def summary(result: Dict[str, Any]) -> str:
     lines += [
         f"throughput          {result['samples_per_s']:,.0f} samples/s ({result['steps']} steps, {result['train_seconds']:.1f} s training)",
         f"embedding bytes     {mem['total_bytes']:,} ({_human_bytes(mem['total_bytes'])}), optimizer state "
-        f"{_human_bytes(mem['optimizer_state_bytes'])}; full tables {_human_bytes(mem['full_table_bytes'])} -> "
-        f"{mem['compression_ratio']:.1f}x smaller",
+        f"{_human_bytes(mem['optimizer_state_bytes'])}; " + (
+            f"full tables {_human_bytes(mem['full_table_bytes'])} -> {mem['compression_ratio']:.1f}x smaller"
+            if mem.get("compression_ratio") is not None else "full tables' sizes unknown (no compression ratio)"),
     ]
     skips = result.get("data_skips") or {}
     if skips:

@@ -66,7 +66,7 @@ def test_plan_cli_prints_plan_and_memory(capsys) -> None:
     assert main(["plan", str(TB), "--world-size", "16", "--local-world-size", "8", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "2 node(s) x 8 cuda" in out and "t_cat_25" in out and "memory per rank" in out
-    assert "compression ratio 1.0x" in out
+    assert "1.0x smaller" in out
     assert main(["plan", str(TB), "--world-size", "12", "--local-world-size", "8"]) == 2
 
 
