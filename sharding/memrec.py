@@ -12,10 +12,12 @@ Follows TorchRec's own wrappers around an inner EBC (``fp_embeddingbag.py``, ``m
   backward gives the table a zero gradient) so every rank's DDP reducer sees it, also a rank that holds no
   token shard.
 
-The weight table is a plain parameter of this module, not in ``sharded_parameter_names()``: DMP's DDP
-wrapper all-reduces its gradient. It is listed in ``shardable_parameters()`` so the planner counts
-it; the plan must place it ``data_parallel``. Nothing here is device specific (CPU/gloo and
-CUDA/NCCL run the same code).
+The weight table is a dense replicated parameter, like an MLP weight or the position weights of TorchRec's
+``FeatureProcessedEmbeddingBagCollection``: a plain parameter of this module, not in
+``sharded_parameter_names()`` (DMP's DDP wrapper all-reduces its gradient) and not in the sharder's
+``shardable_parameters()``. The planner therefore only places the token tables, and any placement it picks
+for them (row_wise, table_wise, data_parallel, ...) is valid: a stock ``EmbeddingShardingPlanner`` needs no
+constraints. Nothing here is device specific (CPU/gloo and CUDA/NCCL run the same code).
 """
 
 from __future__ import annotations
@@ -171,26 +173,28 @@ class ShardedMemRecEmbeddingBag(
 
 
 def _check_plan(plan: Dict[str, ParameterSharding], token_names: List[str], weight_name: str) -> None:
-    missing = [name for name in token_names + [weight_name] if name not in plan]
+    """The plan must place every token table and nothing else (the weight table is not a table)."""
+    missing = [name for name in token_names if name not in plan]
     if missing:
-        raise ValueError(f"sharding plan lacks MEM-REC tables {missing}; planned: {sorted(plan)}")
-    weight_type = plan[weight_name].sharding_type
-    if weight_type != ShardingType.DATA_PARALLEL.value:
-        raise ValueError(
-            f"MEM-REC weight table {weight_name!r} must be planned data_parallel (it is replicated and "
-            f"all-reduced by DDP), got {weight_type!r}; use the memrec default constraints"
-        )
+        raise ValueError(f"sharding plan lacks MEM-REC token tables {missing}; planned: {sorted(plan)}")
+    extra = sorted(set(plan) - set(token_names))
+    if extra:
+        hint = (f" ({weight_name!r} is MEM-REC's replicated weight table: a dense parameter that DDP all-reduces, "
+                "never planned; drop it from the plan and from the constraints)" if weight_name in extra else "")
+        raise ValueError(f"sharding plan places {extra}, which are not MEM-REC token tables of this module "
+                         f"(tables: {token_names}){hint}")
 
 
 class MemRecEmbeddingBagCollectionSharder(InnerEBCSharder[MemRecEmbeddingBagCollection]):
     """Sharder of :class:`MemRecEmbeddingBagCollection`; the token tables go through ``ebc_sharder``
     (default :class:`RowWiseCapableEBCSharder`). Pass the same instance to the planner and to DMP.
+
+    Only the token tables are shardable: the weight table is replicated (see the module docstring), so the
+    planner never sees it and every plan it makes is valid.
     """
 
     def shardable_parameters(self, module: MemRecEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        params = dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
-        params[module.layout.weight_table_name] = module.weight_table
-        return params
+        return dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
 
     @property
     def module_type(self) -> Type[MemRecEmbeddingBagCollection]:
