@@ -7,10 +7,11 @@ Follows TorchRec's own wrappers around an inner EBC (``fp_embeddingbag.py``, ``m
   the input all-to-all. Weight-row indices ride along as float32 KJT weights.
 - ``compute``: turn the weight-row indices into learned weights (``layout.weigh``) on the
   model-parallel side, then the inner EBC's fbgemm TBE lookups (fused optimizer).
-- ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample
-  alpha), and the weight table tied into the output's graph (:class:`_KeepInGraph`, a no-copy identity whose
-  backward gives the table a zero gradient) so every rank's DDP reducer sees it, also a rank that holds no
-  token shard.
+  The weight table is tied into each lookup output (:class:`_KeepInGraph`, a no-copy identity whose backward
+  gives the table a zero gradient) so that every rank's DDP reducer sees it, also a rank that holds no token
+  shard, and sees its gradient complete at the same point of the backward on every rank (after the output
+  all-to-all), whatever the placement.
+- ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample alpha).
 
 The weight table is a dense replicated parameter, like an MLP weight or the position weights of TorchRec's
 ``FeatureProcessedEmbeddingBagCollection``: a plain parameter of this module, not in
@@ -44,7 +45,7 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
+from embeddings.memrec_layout import MemRecAux, init_weight_table
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
@@ -141,13 +142,18 @@ class ShardedMemRecEmbeddingBag(
         return KJTList([self._layout.weigh(kjt, self.weight_table) for kjt in dist_input])
 
     def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
-        return self.token_ebc.compute(ctx, self._weigh(dist_input))
+        outputs = self.token_ebc.compute(ctx, self._weigh(dist_input))
+        # ties the replicated weight table into every rank's graph *before* the output all-to-all, also on a
+        # rank that holds no token shard (its lookup output is empty): the table's gradient is then complete,
+        # and DDP all-reduces it, only after that all-to-all's backward on every rank. Tied after it instead,
+        # an empty rank would start the all-reduce first and the ranks' collectives would cross (a hang).
+        return [_KeepInGraph.apply(out, self.weight_table) for out in outputs]
 
     def output_dist(self, ctx: MemRecContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         return self._add_finish(ctx, self.token_ebc.output_dist(ctx, output))
 
     def compute_and_output_dist(self, ctx: MemRecContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        return self._add_finish(ctx, self.token_ebc.compute_and_output_dist(ctx, self._weigh(input)))
+        return self.output_dist(ctx, self.compute(ctx, input))
 
     def _add_finish(self, ctx: MemRecContext, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
         assert ctx.aux is not None, "input_dist must run before the output dist"
@@ -155,9 +161,7 @@ class ShardedMemRecEmbeddingBag(
         return awaitable
 
     def _finish(self, kt: KeyedTensor, aux: MemRecAux) -> KeyedTensor:
-        kt = self._layout.finish(kt, aux, self.weight_table)
-        # keeps the replicated weight table in every rank's graph (DDP expects its gradient)
-        return with_values(kt, _KeepInGraph.apply(kt.values(), self.weight_table))
+        return self._layout.finish(kt, aux, self.weight_table)
 
     # ---- ShardedModule plumbing ---------------------------------------------------------------
     def create_context(self) -> MemRecContext:
