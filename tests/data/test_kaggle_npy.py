@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from torchrec.datasets.scripts.npy_preproc_criteo import main as npy_preproc_cri
 from trainer.config import load_config
 from trainer.data import loader
 from trainer.data.config import DataConfig
-from trainer.data.types import Batch
+from trainer.data.types import Batch, Chunk
 
 DAYS = 4  # the tiny synthetic log's days, concatenated into one Kaggle-style train.txt
 
@@ -43,28 +43,25 @@ def _config(directory: Path, fmt: str) -> DataConfig:
                       num_days=DAYS, train_days=[0, 1, 2], eval_day=3)
 
 
-def _pairs(directory: Path, split: str) -> Iterator[Tuple[Batch, Batch]]:
-    yield from zip(loader.read_split(_config(directory, "tsv"), split, 3000),
-                   loader.read_split(_config(directory, "npy"), split, 3000))
+def _split(directory: Path, fmt: str, split: str) -> Batch:
+    """The whole split as one batch (chunk boundaries differ between the readers)."""
+    return Chunk.concat(list(loader.iter_split_chunks(_config(directory, fmt), split, 3000))).to_batch()
 
 
 @pytest.mark.parametrize("split,rows", [("train", 15_000), ("val", 2_500), ("test", 2_500)])
 def test_torchrec_kaggle_npy_reads_like_the_raw_train_txt(kaggle_dir: Path, split: str, rows: int) -> None:
     assert loader.count_rows(_config(kaggle_dir, "npy"), split) == rows
-    seen = 0
-    for from_tsv, from_npy in _pairs(kaggle_dir, split):
-        assert torch.equal(from_tsv.labels, from_npy.labels)
-        assert from_npy.dense_features.shape == from_tsv.dense_features.shape
-        tsv_ids, npy_ids = from_tsv.sparse_features.to_dict(), from_npy.sparse_features.to_dict()
-        for feature, jagged in tsv_ids.items():
-            # TorchRec stores a missing categorical value as id 0; the TSV reader as an empty bag
-            present = jagged.lengths().bool()
-            assert torch.equal(npy_ids[feature].lengths(), torch.ones_like(present, dtype=torch.int32))
-            assert torch.equal(npy_ids[feature].values()[present], jagged.values())
-            assert torch.equal(npy_ids[feature].values()[~present], torch.zeros(int((~present).sum()),
-                                                                                  dtype=torch.int64))
-        seen += from_npy.labels.numel()
-    assert seen == rows
+    from_tsv, from_npy = _split(kaggle_dir, "tsv", split), _split(kaggle_dir, "npy", split)
+    assert from_npy.labels.numel() == rows
+    assert torch.equal(from_tsv.labels, from_npy.labels)
+    assert from_npy.dense_features.shape == from_tsv.dense_features.shape
+    tsv_ids, npy_ids = from_tsv.sparse_features.to_dict(), from_npy.sparse_features.to_dict()
+    for feature, jagged in tsv_ids.items():
+        # TorchRec stores a missing categorical value as id 0; the TSV reader as an empty bag
+        present = jagged.lengths().bool()
+        assert torch.equal(npy_ids[feature].lengths(), torch.ones_like(present, dtype=torch.int32))
+        assert torch.equal(npy_ids[feature].values()[present], jagged.values())
+        assert torch.equal(npy_ids[feature].values()[~present], torch.zeros(int((~present).sum()), dtype=torch.int64))
 
 
 def test_day_files_missing_beside_torchrec_kaggle_arrays_names_the_setting(kaggle_dir: Path) -> None:

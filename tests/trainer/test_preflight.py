@@ -57,13 +57,14 @@ def test_missing_manifest_and_table_sizes_stop_before_launch_in_a_subprocess(tin
     """The user's view: one error line on stderr, exit 2, nothing from torchx or torchrun."""
     data = _copy(tiny_dataset, tmp_path / "data", skip=("manifest.json",))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "configs/memrec_small.yaml", "--nproc", "2",
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "configs/default.yaml", "--nproc", "2",
                            *tiny_overrides(data, tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith("compactrec train: error: embeddings.num_embeddings_per_feature is null and "
-                                  f"{data / 'manifest.json'} gives no table sizes")
+    # no sizes anywhere: they come from the data's id counts, which `compactrec prepare` builds
+    assert done.stderr.startswith(f"compactrec train: error: id counts '{data / 'id_counts.npz'}' do not exist; "
+                                  "build them with `compactrec prepare"), done.stderr
     assert not (tmp_path / "run").exists() and "torchx" not in done.stdout
 
 
