@@ -35,13 +35,7 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import (
-    Awaitable,
-    LazyAwaitable,
-    ParameterSharding,
-    ShardingEnv,
-    ShardingType,
-)
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 

@@ -315,7 +315,7 @@ def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
         return [1.0] * len(SPARSE_FEATURES)
     if cfg.format == "npz":
         return [float(size) for size in NpzDay(cfg.path, day).sizes]
-    seg = _tsv_segments(cfg, [day])[0]
+    seg = _tsv_segments(cfg, [cfg.train_days[0]])[0]
     parser = tsv.TsvParser(seg.path, cfg.tsv_has_label, cfg.bad_rows, log=False)
     rows = [row for _, _, row in itertools.islice(tsv.iter_rows(seg, parser, lambda j: True), sample_rows)
             if row is not None]
