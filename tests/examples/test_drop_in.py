@@ -30,7 +30,7 @@ TABLES = {"full": {"t_user", "t_item", "t_ad", "t_context"}, "memrec": {"memrec_
 def _every_kind(rank: int, world: int, root: str) -> Dict[str, Any]:
     from examples.dlrm_dcn_drop_in import KINDS, run
 
-    return {kind: run(kind, os.path.join(root, kind), torch.device("cpu"), steps=4) for kind in KINDS}
+    return {kind: run(kind, os.path.join(root, kind), torch.device("cpu"), steps=3) for kind in KINDS}
 
 
 def test_every_module_plans_shards_trains_pipelined_checkpoints_and_serves(tmp_path: Path) -> None:
