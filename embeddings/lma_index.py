@@ -4,8 +4,9 @@ One uncompressed ``.npz`` file (``numpy.load(path, allow_pickle=False)`` reads i
 
 - ``header``: 0-d unicode array, a JSON object (:class:`IndexHeader`): ``format`` = ``compactrec-lma-index``,
   ``version``, the parameters the signatures depend on (``seed``, ``num_chunks`` C, ``num_hashes`` K,
-  ``key_seed``, ``feature_names`` in feature-index order) and provenance (rows sampled/available, values
-  seen/covered, ``min_count``, the data source).
+  ``key_seed``, ``feature_names`` in feature-index order, ``min_count``, ``sample_rows``), provenance (``source``:
+  the fingerprint of the training split, ``trainer.artifacts.data_fingerprint``; ``created``) and outcomes
+  (rows sampled/available, values seen/covered).
 - ``keys`` [V] int64, strictly increasing: value keys ``hash64(x, f, key_seed, 0)`` (``embeddings.lma_minhash``).
 - ``signatures`` [V, C*K] int32: minhash ``j`` = smallest rank of the value's sampled rows under permutation j.
 - ``features`` [V] int16: feature index of each value; ``counts`` [V] int32: occurrences in sampled rows.
@@ -28,8 +29,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 FORMAT = "compactrec-lma-index"
-VERSION = 1
-BUILD_COMMAND = "compactrec lma-index CONFIG [--out PATH]"
+VERSION = 2  # 2: sample_rows, created and the data fingerprint in the header; rows sampled independent of batching
+BUILD_COMMAND = "compactrec prepare CONFIG (or compactrec lma-index CONFIG --out PATH)"
 ARRAYS = ("keys", "signatures", "features", "counts")
 
 
@@ -47,8 +48,10 @@ class IndexHeader:
     values_seen: int
     values_covered: int
     min_count: int
+    sample_rows: int
     values_per_feature: List[int] = field(default_factory=list)
     source: Dict[str, Any] = field(default_factory=dict)
+    created: str = ""
     format: str = FORMAT
     version: int = VERSION
 

@@ -5,8 +5,8 @@ Modules: :class:`MemRecEmbeddingBagCollection` (per token, drop-in for an EBC) a
 ``options.granularity`` picks one. Ids are raw (any int64): the module hashes them.
 
 Default placement: token tables row_wise (table_row_wise on several nodes) on the fused TBE kernel,
-with their true pooling factors (lookups per sample) and weightedness; the weight table
-data_parallel on the dense kernel (it is replicated and all-reduced by DDP).
+with their true pooling factors (lookups per sample) and weightedness. The weight table is no table: a dense
+parameter replicated on every rank and all-reduced by DDP (never planned; counted by :func:`memory`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _as_memrec(module: nn.Module) -> MemRecModuleBase:
 def default_constraints(
     module: nn.Module, options: MemRecOptions, topology: TopologyInfo
 ) -> Dict[str, ParameterConstraints]:
-    """Token tables row-wise (table_row_wise across nodes), fused; the weight table data_parallel."""
+    """Token tables row-wise (table_row_wise across nodes), fused. The weight table is not planned (replicated)."""
     memrec = _as_memrec(module)
     layout = memrec.layout
     row_wise = ShardingType.TABLE_ROW_WISE if topology.num_nodes > 1 else ShardingType.ROW_WISE
@@ -112,11 +112,6 @@ def default_constraints(
             pooling_factors=factors[config.name],
             is_weighted=layout.is_weighted,
         )
-    constraints[layout.weight_table_name] = ParameterConstraints(
-        sharding_types=[ShardingType.DATA_PARALLEL.value],
-        compute_kernels=[EmbeddingComputeKernel.DENSE.value],
-        pooling_factors=factors[layout.weight_table_name],
-    )
     return constraints
 
 

@@ -7,15 +7,18 @@ Follows TorchRec's own wrappers around an inner EBC (``fp_embeddingbag.py``, ``m
   the input all-to-all. Weight-row indices ride along as float32 KJT weights.
 - ``compute``: turn the weight-row indices into learned weights (``layout.weigh``) on the
   model-parallel side, then the inner EBC's fbgemm TBE lookups (fused optimizer).
-- ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample
-  alpha), and the weight table tied into the output's graph (:class:`_KeepInGraph`, a no-copy identity whose
-  backward gives the table a zero gradient) so every rank's DDP reducer sees it, also a rank that holds no
-  token shard.
+  The weight table is tied into each lookup output (:class:`_KeepInGraph`, a no-copy identity whose backward
+  gives the table a zero gradient) so that every rank's DDP reducer sees it, also a rank that holds no token
+  shard, and sees its gradient complete at the same point of the backward on every rank (after the output
+  all-to-all), whatever the placement.
+- ``output_dist``: the inner EBC's output dist, then ``layout.finish`` (MEAN division, per-sample alpha).
 
-The weight table is a plain parameter of this module, not in ``sharded_parameter_names()``: DMP's DDP
-wrapper all-reduces its gradient. It is listed in ``shardable_parameters()`` so the planner counts
-it; the plan must place it ``data_parallel``. Nothing here is device specific (CPU/gloo and
-CUDA/NCCL run the same code).
+The weight table is a dense replicated parameter, like an MLP weight or the position weights of TorchRec's
+``FeatureProcessedEmbeddingBagCollection``: a plain parameter of this module, not in
+``sharded_parameter_names()`` (DMP's DDP wrapper all-reduces its gradient) and not in the sharder's
+``shardable_parameters()``. The planner therefore only places the token tables, and any placement it picks
+for them (row_wise, table_wise, data_parallel, ...) is valid: a stock ``EmbeddingShardingPlanner`` needs no
+constraints. Nothing here is device specific (CPU/gloo and CUDA/NCCL run the same code).
 """
 
 from __future__ import annotations
@@ -32,17 +35,11 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import (
-    Awaitable,
-    LazyAwaitable,
-    ParameterSharding,
-    ShardingEnv,
-    ShardingType,
-)
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
+from embeddings.memrec_layout import MemRecAux, init_weight_table
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
@@ -139,13 +136,18 @@ class ShardedMemRecEmbeddingBag(
         return KJTList([self._layout.weigh(kjt, self.weight_table) for kjt in dist_input])
 
     def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
-        return self.token_ebc.compute(ctx, self._weigh(dist_input))
+        outputs = self.token_ebc.compute(ctx, self._weigh(dist_input))
+        # ties the replicated weight table into every rank's graph *before* the output all-to-all, also on a
+        # rank that holds no token shard (its lookup output is empty): the table's gradient is then complete,
+        # and DDP all-reduces it, only after that all-to-all's backward on every rank. Tied after it instead,
+        # an empty rank would start the all-reduce first and the ranks' collectives would cross (a hang).
+        return [_KeepInGraph.apply(out, self.weight_table) for out in outputs]
 
     def output_dist(self, ctx: MemRecContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         return self._add_finish(ctx, self.token_ebc.output_dist(ctx, output))
 
     def compute_and_output_dist(self, ctx: MemRecContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        return self._add_finish(ctx, self.token_ebc.compute_and_output_dist(ctx, self._weigh(input)))
+        return self.output_dist(ctx, self.compute(ctx, input))
 
     def _add_finish(self, ctx: MemRecContext, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
         assert ctx.aux is not None, "input_dist must run before the output dist"
@@ -153,9 +155,7 @@ class ShardedMemRecEmbeddingBag(
         return awaitable
 
     def _finish(self, kt: KeyedTensor, aux: MemRecAux) -> KeyedTensor:
-        kt = self._layout.finish(kt, aux, self.weight_table)
-        # keeps the replicated weight table in every rank's graph (DDP expects its gradient)
-        return with_values(kt, _KeepInGraph.apply(kt.values(), self.weight_table))
+        return self._layout.finish(kt, aux, self.weight_table)
 
     # ---- ShardedModule plumbing ---------------------------------------------------------------
     def create_context(self) -> MemRecContext:
@@ -171,26 +171,28 @@ class ShardedMemRecEmbeddingBag(
 
 
 def _check_plan(plan: Dict[str, ParameterSharding], token_names: List[str], weight_name: str) -> None:
-    missing = [name for name in token_names + [weight_name] if name not in plan]
+    """The plan must place every token table and nothing else (the weight table is not a table)."""
+    missing = [name for name in token_names if name not in plan]
     if missing:
-        raise ValueError(f"sharding plan lacks MEM-REC tables {missing}; planned: {sorted(plan)}")
-    weight_type = plan[weight_name].sharding_type
-    if weight_type != ShardingType.DATA_PARALLEL.value:
-        raise ValueError(
-            f"MEM-REC weight table {weight_name!r} must be planned data_parallel (it is replicated and "
-            f"all-reduced by DDP), got {weight_type!r}; use the memrec default constraints"
-        )
+        raise ValueError(f"sharding plan lacks MEM-REC token tables {missing}; planned: {sorted(plan)}")
+    extra = sorted(set(plan) - set(token_names))
+    if extra:
+        hint = (f" ({weight_name!r} is MEM-REC's replicated weight table: a dense parameter that DDP all-reduces, "
+                "never planned; drop it from the plan and from the constraints)" if weight_name in extra else "")
+        raise ValueError(f"sharding plan places {extra}, which are not MEM-REC token tables of this module "
+                         f"(tables: {token_names}){hint}")
 
 
 class MemRecEmbeddingBagCollectionSharder(InnerEBCSharder[MemRecEmbeddingBagCollection]):
     """Sharder of :class:`MemRecEmbeddingBagCollection`; the token tables go through ``ebc_sharder``
     (default :class:`RowWiseCapableEBCSharder`). Pass the same instance to the planner and to DMP.
+
+    Only the token tables are shardable: the weight table is replicated (see the module docstring), so the
+    planner never sees it and every plan it makes is valid.
     """
 
     def shardable_parameters(self, module: MemRecEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        params = dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
-        params[module.layout.weight_table_name] = module.weight_table
-        return params
+        return dict(self._ebc_sharder.shardable_parameters(module.token_ebc))
 
     @property
     def module_type(self) -> Type[MemRecEmbeddingBagCollection]:

@@ -41,6 +41,8 @@ def split_files(data: DataConfig, split: str = "train") -> List[str]:
         if data.kaggle_file is not None:
             return [os.path.join(data.path, data.kaggle_file)]
         return [os.path.join(data.path, f"day_{d}") for d in days]
+    if data.kaggle_file is not None:  # TorchRec's Kaggle arrays: one stem, cut into days by row count
+        return [day_path(data.path, data.kaggle_file, f"{part}.npy") for part in ("sparse", "dense", "labels")]
     files: List[str] = []
     for d in days:
         npz = day_path(data.path, d, NPZ_SUFFIX)

@@ -87,18 +87,27 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
+    rebuild = " ".join(["compactrec prepare", args.config, *args.overrides])
     if args.resume:
         args.overrides = list(args.overrides) + ["training.resume=latest"]
     config = load_config(args.config, args.overrides)
     if args.nproc is not None:
         from trainer.launcher import launch_local
+        from trainer.preflight import preflight
 
+        if args.nproc < 1 or args.nnodes < 1:
+            raise ValueError(f"--nproc and --nnodes must be >= 1, got {args.nproc} and {args.nnodes}")
+        # everything checkable here fails now, as one error line, instead of in every worker after the launch
+        for warning in preflight(config, args.nproc * args.nnodes, args.nproc, rebuild):
+            print(f"compactrec train: warning: {warning}", file=sys.stderr)
         return launch_local(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc,
                             scheduler=args.scheduler, max_retries=config.launch.max_retries,
                             max_restarts=config.launch.max_restarts)
     from trainer.distributed import init_distributed
     from trainer.loop import run_training
+    from trainer.prepare import check_prepared
 
+    check_prepared(config, rebuild)  # names this run's own rebuild command (run_training's check cannot)
     ctx = init_distributed(config.training.device)
     _setup_logging(ctx.rank)
     try:

@@ -34,6 +34,8 @@ from trainer.mlperf_log import MLPerfLogger
 from trainer.model import SparseArch, TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
 from trainer.optim import apply_sparse_optimizer, combined_optimizer
 from trainer.planning import plan_model
+from trainer.preflight import train_steps
+from trainer.prepare import check_prepared
 from trainer.reporting import Reporter
 
 logger = logging.getLogger(__name__)
@@ -134,17 +136,11 @@ def _initial_position(config: Config, run_dir: Path, model: Any, optimizer: Any,
 
 
 def _train_steps(config: Config, ctx: DistContext) -> tuple[int, int]:
-    """(steps per epoch, total steps) for the configured data, limits and max_steps."""
-    rows = loader.count_rows(config.data, "train")
-    steps_per_epoch = rows // (config.data.batch_size * ctx.world_size)
-    if config.data.limit_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, config.data.limit_train_batches)
-    total = steps_per_epoch * config.training.epochs
-    if config.training.max_steps is not None:
-        total = min(total, config.training.max_steps)
-    if total == 0:
-        raise ValueError(f"no training batches: {rows} train rows < global batch {config.data.batch_size * ctx.world_size}")
-    return steps_per_epoch, total
+    """(steps per epoch, total steps) for the configured data, limits and max_steps; warns on a tiny run."""
+    budget = train_steps(config, ctx.world_size, loader.count_rows(config.data, "train"))
+    if budget.warning is not None and ctx.is_main:
+        logger.warning("%s", budget.warning)
+    return budget.steps_per_epoch, budget.total
 
 
 def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
@@ -162,6 +158,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     mlperf.event("opt_base_learning_rate", optim_cfg.sparse_lr)
     mlperf.event("opt_name", optim_cfg.sparse)
     info = dataset_info(config)
+    check_prepared(config)  # an LMA index built from other data or options stops the run here, naming it
     model, arch = build_sharded_model(config, ctx, info)
     optimizer = combined_optimizer(model, optim_cfg)
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)

@@ -24,6 +24,8 @@ from trainer.model import SparseArch
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
+# sharding type shown for a planned module's dense parameters that are no table (DDP replicates them)
+REPLICATED = "replicated"
 
 
 def topology(info: TopologyInfo, sharding: ShardingConfig) -> Topology:
@@ -116,14 +118,17 @@ class PlacedTable:
 
 def placements(plan: ShardingPlan, model: nn.Module, sharders: List[ModuleSharder[nn.Module]],
                world_size: int) -> List[PlacedTable]:
-    """Per-table placement and exact fp32 parameter bytes per rank, read from the plan's shard specs.
+    """Per-table placement and exact parameter bytes per rank, read from the plan's shard specs.
 
     Replicated (data_parallel) tables count in full on every rank; sizes come from the sharders'
-    ``shardable_parameters()``, i.e. the same tensors the planner saw.
+    ``shardable_parameters()``, i.e. the same tensors the planner saw. A planned module's parameters that are
+    no table (MEM-REC's weight table: replicated, all-reduced by DDP, never planned) follow as rows of
+    sharding ``replicated`` and kernel ``ddp``, in full on every rank.
     """
     rows: List[PlacedTable] = []
     for module_path, module_plan in plan.plan.items():
-        tables = _shardable(model.get_submodule(module_path) if module_path else model, sharders)
+        module = model.get_submodule(module_path) if module_path else model
+        tables = _shardable(module, sharders)
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             per_rank: Dict[int, int] = {}
             spec = ps.sharding_spec
@@ -138,9 +143,15 @@ def placements(plan: ShardingPlan, model: nn.Module, sharders: List[ModuleSharde
                     n = 1
                     for s in shard.shard_sizes:
                         n *= int(s)
-                    per_rank[rank] = per_rank.get(rank, 0) + 4 * n
+                    per_rank[rank] = per_rank.get(rank, 0) + tables[table].element_size() * n
             rows.append(PlacedTable(module_path, table, ps.sharding_type, ps.compute_kernel,
                                     sorted(per_rank), per_rank))
+        planned = {id(p) for p in tables.values()}
+        for name, param in module.named_parameters():
+            if id(param) not in planned:
+                size = int(param.numel() * param.element_size())
+                rows.append(PlacedTable(module_path, name, REPLICATED, "ddp", list(range(world_size)),
+                                        {r: size for r in range(world_size)}))
     return rows
 
 

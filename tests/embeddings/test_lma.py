@@ -42,7 +42,7 @@ def write_synthetic_index(path: Path, features: Sequence[str] = tuple(FEATURES),
     sig = acc.result()
     header = IndexHeader(seed=seed, num_chunks=num_chunks, num_hashes=num_hashes, key_seed=KEY_SEED,
                          feature_names=list(features), rows_sampled=rows, rows_available=rows,
-                         values_seen=len(sig), values_covered=len(sig), min_count=1)
+                         values_seen=len(sig), values_covered=len(sig), min_count=1, sample_rows=rows)
     index = LmaIndex(header, sig.keys, sig.signatures, sig.features, sig.counts)
     save_index(index, path)
     return index
@@ -97,9 +97,9 @@ def test_options_need_one_memory_size_and_a_dividing_chunk(index_path: Path) -> 
 
 
 def test_missing_index_errors_name_the_build_command(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"index_path is not set.*compactrec lma-index CONFIG"):
+    with pytest.raises(ValueError, match=r"index_path is not set.*compactrec prepare CONFIG"):
         LmaEmbeddingBagCollection(_ctx(), LmaOptions())
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*compactrec lma-index CONFIG"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*compactrec prepare CONFIG"):
         _module(tmp_path / "absent.npz")
 
 
@@ -108,7 +108,7 @@ def test_index_round_trip_and_header_only_read(index_path: Path) -> None:
     index = load_index(index_path)
     again = load_index(index_path)
     assert index.header == again.header == read_header(index_path)
-    assert index.header.format == FORMAT and index.header.version == 1
+    assert index.header.format == FORMAT and index.header.version == 2
     for name in ("keys", "signatures", "features", "counts"):
         np.testing.assert_array_equal(getattr(index, name), getattr(again, name))
     assert index.keys.dtype == np.int64 and bool(np.all(np.diff(index.keys) > 0))
@@ -131,14 +131,14 @@ def _rewrite_header(path: Path, **changes: Any) -> None:
 def test_index_that_does_not_match_the_config_is_rejected(index_path: Path, change: Dict[str, object],
                                                           message: str) -> None:
     _rewrite_header(index_path, **change)
-    with pytest.raises(ValueError, match=message + r".*Rebuild it with `compactrec lma-index CONFIG"):
+    with pytest.raises(ValueError, match=message + r".*Rebuild it with `compactrec prepare CONFIG"):
         _module(index_path)
 
 
 def test_other_format_versions_and_files_are_rejected(index_path: Path, tmp_path: Path) -> None:
     index = load_index(index_path)
-    _rewrite_header(index_path, version=2)
-    with pytest.raises(ValueError, match=r"format version 2, this code reads version 1; rebuild"):
+    _rewrite_header(index_path, version=1)
+    with pytest.raises(ValueError, match=r"format version 1, this code reads version 2; rebuild"):
         read_header(index_path)
     save_index(dataclasses.replace(index, header=dataclasses.replace(index.header, format="other")), index_path)
     with pytest.raises(ValueError, match="is not 'compactrec-lma-index'"):

@@ -305,12 +305,10 @@ def test_default_constraints(nodes: int, expected: str) -> None:
     module = registry.get("memrec").build(_ctx("meta"), opts)
     topology = TopologyInfo(world_size=4 * nodes, local_world_size=4, compute_device="cuda")
     constraints = default_constraints(module, opts, topology)
-    assert set(constraints) == {"memrec_tokens_f0", "memrec_tokens_f1", "memrec_tokens_f2", "memrec_weights"}
+    assert set(constraints) == {"memrec_tokens_f0", "memrec_tokens_f1", "memrec_tokens_f2"}  # weights: not a table
     tokens = constraints["memrec_tokens_f2"]
     assert tokens.sharding_types == [expected] and tokens.compute_kernels == ["fused"]
     assert tokens.pooling_factors == [2 * 3 * 3.0] and tokens.is_weighted is True
-    weights = constraints["memrec_weights"]
-    assert weights.sharding_types == ["data_parallel"] and weights.compute_kernels == ["dense"]
 
     shared = MemRecOptions(num_token_rows=10, num_weight_rows=10, num_token_hashes=2)
     c = default_constraints(registry.get("memrec").build(_ctx("meta"), shared), shared, topology)

@@ -51,6 +51,7 @@ def test_slurm_dryrun_renders_two_nodes_of_eight_gpus() -> None:
     out = _torchx("run", "--dryrun", "-s", "slurm", "launch/components.py:train", "-j", "2x8", "--gpu", "8",
                   "--config", "configs/criteo_tb_dlrmv2.yaml")
     assert "#SBATCH" in out and "--gpus-per-task=8" in out and "hetjob" in out
+    assert "--cpus-per-task=64" in out and "--mem=393216" in out  # 8 CPUs and 48 GiB per GPU process
     assert "--nnodes 2 --nproc_per_node 8" in out and "-m trainer.cli train configs/criteo_tb_dlrmv2.yaml" in out
 
 
@@ -63,6 +64,29 @@ def test_kubernetes_dryrun_renders_job() -> None:
 def test_component_help_comes_from_docstring() -> None:
     out = _torchx("run", "-s", "local_cwd", "launch/components.py:train", "--help")
     assert "NNODESxNPROC_PER_NODE" in out and "section.key=value" in out
+    assert "default 8 per process on GPU nodes" in out and "393216 for -j Nx8 --gpu 8" in out
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"j": "2x8", "gpu": 8}, (64, 8, 393216)),  # an 8-GPU node: 8 CPUs and 48 GiB per process
+    ({"j": "1x4"}, (8, 0, 32768)),  # CPU training: 2 CPUs and 8 GiB per process
+    ({"j": "1x2", "cpu": 16, "memMB": 4096}, (16, 0, 4096)),  # given values win
+    ({"j": "4x8", "gpu": 8, "h": "aws_p4d.24xlarge"}, (96, 8, 1132416)),  # a torchx named resource wins
+])
+def test_resources_follow_the_request(kwargs, expected) -> None:
+    resource = train(config="configs/criteo_tb_dlrmv2.yaml", **kwargs).roles[0].resource
+    assert (resource.cpu, resource.gpu, resource.memMB) == expected
+
+
+def test_component_checks_gpus_and_the_config_before_a_job_exists() -> None:
+    from trainer.strict import ConfigError
+
+    with pytest.raises(ValueError, match=r"--gpu 8 with -j 2x4: each training process drives one GPU"):
+        train(j="2x4", gpu=8)
+    with pytest.raises(ConfigError, match="model.arch"):
+        train("model.arch=transformer", config="configs/default.yaml")
+    with pytest.raises(ValueError, match="no such file"):
+        train(config="configs/nope.yaml")
 
 
 def test_restarts_add_torchrun_max_restarts_and_resume_auto() -> None:

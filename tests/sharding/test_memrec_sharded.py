@@ -1,7 +1,8 @@
 """Sharded MEM-REC on 2 gloo ranks against the single-process module, from the same initial state.
 
-Token tables row_wise (fused TBE, optimizer applied in backward), weight table data_parallel (DDP,
-dense optimizer), placed by the planner through the method's default constraints. Sharded gradients
+Token tables row_wise (fused TBE, optimizer applied in backward), placed by the planner through the method's
+default constraints; the weight table is a replicated dense parameter (DDP, dense optimizer) the planner
+never sees. Sharded gradients
 are averaged over ranks, so the reference minimises the mean of the per-rank losses on the union of
 the ranks' batches.
 """
@@ -180,7 +181,7 @@ def test_sharded_matches_unsharded_after_steps(granularity: str, optimizer: str)
     results = run_multiprocess(_parity_body, world_size=WORLD, args=(granularity, optimizer))
     first = results[0]
     assert first["sharded_type"] == "ShardedMemRecEmbeddingBag"
-    assert first["plan"]["memrec_weights"] == "data_parallel"
+    assert "memrec_weights" not in first["plan"]  # replicated by DDP, not a planned table
     assert all(t == "row_wise" for n, t in first["plan"].items() if n.startswith("memrec_tokens"))
     for r in results:  # the weight table learns on every rank and stays replicated (bit for bit)
         assert all(any(v != 0 for v in g) for g in r["weight_grads"])
@@ -258,24 +259,24 @@ def test_planner_places_tables_on_a_two_node_cuda_topology(granularity: str) -> 
                                        constraints=constraints)
     plan = planner.plan(model, sharders(options)).plan["sparse"]
     tokens = [c.name for c in model.sparse.embedding_bag_configs()]
-    assert set(plan) == set(tokens) | {"memrec_weights"}  # type: ignore[arg-type]
+    assert set(plan) == set(tokens)  # type: ignore[arg-type]
     for name in tokens:
         assert (plan[name].sharding_type, plan[name].compute_kernel) == ("table_row_wise", "fused")
         assert len(plan[name].ranks) == 2  # row shards stay inside one node
-    assert (plan["memrec_weights"].sharding_type, plan["memrec_weights"].compute_kernel) == ("data_parallel", "dense")
 
 
-def test_sharder_exposes_weight_table_and_rejects_a_non_replicated_plan() -> None:
+def test_sharder_offers_only_token_tables_and_rejects_a_plan_naming_the_weight_table() -> None:
     options = MemRecOptions(num_token_rows=10, num_weight_rows=10)
     model, _ = _build(options, seed=0)
     params = MemRecEmbeddingBagCollectionSharder().shardable_parameters(model.sparse)
-    assert set(params) == {"memrec_tokens", "memrec_weights"}
-    assert params["memrec_weights"] is model.sparse.weight_table
+    assert set(params) == {"memrec_tokens"}
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu")).plan(
         model, sharders(options)).plan["sparse"]
-    plan["memrec_weights"].sharding_type = "table_wise"  # type: ignore[index]
-    with pytest.raises(ValueError, match="memrec_weights.*data_parallel"):
-        _check_plan(plan, ["memrec_tokens"], "memrec_weights")  # type: ignore[arg-type]
+    assert set(plan) == {"memrec_tokens"}  # type: ignore[arg-type]
+    _check_plan(plan, ["memrec_tokens"], "memrec_weights")  # type: ignore[arg-type]
+    stale = dict(plan, memrec_weights=plan["memrec_tokens"])  # type: ignore[index]
+    with pytest.raises(ValueError, match="memrec_weights.*replicated weight table"):
+        _check_plan(stale, ["memrec_tokens"], "memrec_weights")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="lacks"):
         _check_plan({}, ["memrec_tokens"], "memrec_weights")
 

@@ -4,6 +4,8 @@ trainer on 2 gloo ranks, LMA with the index that ``run_lma_index`` built."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -35,15 +37,20 @@ def _lma_config(data: Path, tmp: Path, *extra: str) -> Config:
 
 
 def _explicit_signatures(config: Config, options: LmaOptions, num_functions: int) -> Dict[int, np.ndarray]:
-    """Value key -> minhash signature from explicit semantic sets, rebuilt from all training batches."""
+    """Value key -> minhash signature from explicit semantic sets, rebuilt from every training row (read as
+    training batches of the configured size plus the rows of the last partial batch)."""
     stream = loader.make_batches(config.data, "train", 0, 1)
-    available = stream.num_batches * config.data.batch_size  # type: ignore[operator]
+    tail = dataclasses.replace(config.data, batch_size=1, train_days=[config.data.train_days[-1]])
+    available = loader.count_rows(config.data, "train")
     count = min(options.sample_rows, available)
     sample = np.sort(np.random.default_rng(options.seed).choice(available, size=count, replace=False))
     position = {int(row): i for i, row in enumerate(sample)}
     sets: Dict[int, set] = defaultdict(set)
     offset = 0
-    for batch in stream:
+    whole = stream.num_batches * config.data.batch_size  # type: ignore[operator]
+    rows_in_last_day = loader.count_rows(tail, "train")
+    rest = itertools.islice(loader.make_batches(tail, "train", 0, 1), rows_in_last_day - (available - whole), None)
+    for batch in itertools.chain(stream, rest):
         kjt = batch.sparse_features
         size, num_features = kjt.stride(), len(kjt.keys())
         rows = torch.repeat_interleave(torch.arange(size).repeat(num_features), kjt.lengths().long())
@@ -72,7 +79,7 @@ def test_index_signatures_equal_explicit_sets_of_the_sampled_rows(tiny_dataset: 
     one_pass = build_lma_index(config, options, max_pairs=10**8)
     assert np.array_equal(streamed.keys, one_pass.keys) and np.array_equal(streamed.signatures, one_pass.signatures)
     header = streamed.header
-    assert header.rows_sampled == 300 and header.rows_available == 14848  # 58 whole batches of 256
+    assert header.rows_sampled == 300 and header.rows_available == 15000  # every row, not 58 whole batches of 256
     assert header.num_chunks == 2 and header.num_hashes == 2 and header.values_covered == len(streamed.keys)
     assert sum(header.values_per_feature) == header.values_covered
     explicit = _explicit_signatures(config, options, num_functions=4)
@@ -85,7 +92,7 @@ def test_run_lma_index_writes_the_artifact_and_min_count_filters(tiny_dataset: P
     config = _lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=1")
     summary = run_lma_index(config)
     header = read_header(tmp_path / "index.npz")
-    assert f"{header.values_covered:,} values covered" in summary and "14,848 sampled" in summary
+    assert f"{header.values_covered:,} values covered" in summary and "15,000 sampled" in summary
     assert header.values_covered == header.values_seen > 10_000
     filtered = run_lma_index(_lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=3"),
                              out=str(tmp_path / "mc3.npz"))

@@ -81,3 +81,31 @@ def test_planner_sees_multi_hot_pooling_factors_of_full_tables() -> None:
     result = constraints(arch, arch.spec.sharders(arch.options), config.sharding, TopologyInfo(8, 8, "cuda"))
     assert [result[f"t_cat_{i}"].pooling_factors for i in range(26)] == [[p] for p in pooling]
     assert result["t_cat_20"].sharding_types is None  # placement stays the planner's choice
+
+
+def test_memrec_weight_table_is_listed_replicated_with_its_exact_bytes(capsys) -> None:
+    """The weight table is not planned (a DDP-replicated dense parameter): the plan and the memory per rank
+    still count its bytes on every rank, equal to the memory report's."""
+    from trainer.model import memory_report
+
+    config = load_config(REPO / "configs" / "memrec_tb_dlrmv2.yaml")
+    info = dataset_info(config, require_data=False)
+    arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
+                                                    torch.device("meta")))
+    model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
+    apply_sparse_optimizer(arch.module, config.optimizer)
+    sharders = arch.spec.sharders(arch.options)
+    plan = plan_model(config, model, arch, sharders, TopologyInfo(16, 8, "cuda"))
+    assert "memrec_weights" not in plan.plan["model.sparse_arch.embedding_bag_collection"]  # type: ignore[operator]
+    rows = placements(plan, model, sharders, 16)
+    by_name = {r.table: r for r in rows}
+    weights = by_name["weight_table"]
+    report = {t.name: t.bytes for t in memory_report(arch, config.optimizer.sparse).tables}
+    assert (weights.sharding_type, weights.compute_kernel, weights.ranks) == ("replicated", "ddp", list(range(16)))
+    assert set(weights.bytes_per_rank.values()) == {report["memrec_weights"]}
+    tokens = [r for r in rows if r.table.startswith("memrec_tokens")]
+    assert sum(sum(r.bytes_per_rank.values()) for r in tokens) == sum(
+        b for n, b in report.items() if n.startswith("memrec_tokens"))  # row shards: every byte placed once
+    assert main(["plan", str(REPO / "configs" / "memrec_tb_dlrmv2.yaml"), "--world-size", "16",
+                 "--local-world-size", "8"]) == 0
+    assert "weight_table" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -30,9 +31,10 @@ class DataConfig:
     train_days: List[int] = field(default_factory=_default_train_days)
     # val = first ceil(N/2) rows of this day, test = the rest (MLPerf).
     eval_day: int = 6
-    # Kaggle's single train.txt (relative paths are taken inside `path`); it is split by line count into
-    # `num_days` consecutive "days" (the first ones get one extra line when it does not divide) and the day
-    # indices above refer to those. Only with format "tsv".
+    # Kaggle's single file, split by row count into `num_days` consecutive "days" (the first ones get one extra
+    # row when it does not divide); the day indices above refer to those. With format "tsv": train.txt
+    # (relative paths are taken inside `path`). With format "npy": the stem of TorchRec's
+    # `npy_preproc_criteo --dataset_name criteo_kaggle` output, "train" for train_{dense,sparse,labels}.npy.
     kaggle_file: Optional[str] = None
     # Number of equal "days" a kaggle_file is cut into (DLRM protocol: 7).
     num_days: int = 7
@@ -86,8 +88,11 @@ class DataConfig:
         if self.eval_day in self.train_days:
             raise bad("eval_day", self.eval_day, f"is also a training day (train_days={self.train_days})")
         if self.kaggle_file is not None:
-            if self.format != "tsv":
-                raise bad("kaggle_file", self.kaggle_file, f"needs format 'tsv', not {self.format!r}")
+            if self.format not in ("tsv", "npy"):
+                raise bad("kaggle_file", self.kaggle_file, f"needs format 'tsv' or 'npy', not {self.format!r}")
+            if self.format == "npy" and (not self.kaggle_file or "." in os.path.basename(self.kaggle_file)):
+                raise bad("kaggle_file", self.kaggle_file, "with format 'npy' it is the stem of the npy files "
+                          "(e.g. 'train' for TorchRec's train_{dense,sparse,labels}.npy), without a suffix")
             if self.num_days < 2:
                 raise bad("num_days", self.num_days, "must be >= 2")
             top = max(self.train_days + [self.eval_day])

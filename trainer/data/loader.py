@@ -4,6 +4,10 @@ Dataset directory (``DataConfig.path``): ``day_{i}`` raw TSV; ``day_{i}_{dense,s
 optional ``day_{i}_sparse_multi_hot.npz`` and ``day_{i}_oracle_logits.npy``; ``manifest.json`` (read only for
 the table sizes of an on-the-fly multi-hot expansion, see ``trainer/data/multihot.py``).
 
+Criteo Kaggle as one file (``data.kaggle_file``): raw ``train.txt`` (tsv) or TorchRec's ``train_{dense,sparse,
+labels}.npy`` (npy, stem ``train``), cut by row count into ``num_days`` consecutive "days" the same way, so
+both inputs give the same splits.
+
 Which reader a day gets: "npy" -> ``NpyDay`` (one-hot), or ``MultiHotDay`` when ``multi_hot_sizes`` is set;
 "npz" -> ``NpzDay`` when the day's npz exists, else ``MultiHotDay`` over the one-hot npy day if
 ``multi_hot_sizes`` is set (logged), else an error.
@@ -30,11 +34,14 @@ import numpy as np
 from trainer.data import tsv
 from trainer.data.config import SPLITS, DataConfig
 from trainer.data.multihot import NPZ_SUFFIX, MultiHotDay, MultiHotSpec, multi_hot_spec, tables_for
-from trainer.data.npy import NpyDay, day_path, expect, open_array
+from trainer.data.npy import DayName, NpyDay, day_path, expect, open_array
 from trainer.data.npz import NpzDay
 from trainer.data.types import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
+
+# The file stem TorchRec's `npy_preproc_criteo --dataset_name criteo_kaggle` gives Kaggle's train.txt.
+KAGGLE_NPY_STEM = "train"
 
 # Bad-row counts of the latest stream of each split in this process (for the end-of-run report).
 _LATEST_SKIPS: Dict[str, "collections.Counter[str]"] = {}
@@ -114,14 +121,19 @@ class _ArraySplit:
         return chunk
 
 
+def kaggle_day_starts(path: str, rows: int, num_days: int, unit: str = "rows") -> List[int]:
+    """First row of each of the ``num_days`` consecutive "days" a Kaggle file of ``rows`` rows (or lines) is
+    cut into (the first ``rows % num_days`` days get one extra row), plus ``rows``."""
+    if rows < num_days:  # some "days" would be empty
+        raise ValueError(f"{path}: {rows} {unit} cannot be cut into data.num_days={num_days} days")
+    per_day, extra = divmod(rows, num_days)
+    return [d * per_day + min(d, extra) for d in range(num_days + 1)]
+
+
 def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
     if cfg.kaggle_file is not None:
         path = os.path.join(cfg.path, cfg.kaggle_file)
-        lines = tsv.count_lines(path)
-        if lines < cfg.num_days:  # some "days" would be empty
-            raise ValueError(f"{path}: {lines} lines cannot be cut into data.num_days={cfg.num_days} days")
-        per_day, extra = divmod(lines, cfg.num_days)
-        starts = [d * per_day + min(d, extra) for d in range(cfg.num_days + 1)]
+        starts = kaggle_day_starts(path, tsv.count_lines(path), cfg.num_days, unit="lines")
         return [tsv.TsvSegment(path, line_start=starts[d], line_stop=starts[d + 1]) for d in days]
     segments = []
     for d in days:
@@ -141,8 +153,8 @@ def _tsv_segments(cfg: DataConfig, days: Sequence[int]) -> List[tsv.TsvSegment]:
     return segments
 
 
-def _open_day(cfg: DataConfig, day: int, spec: Optional[MultiHotSpec]) -> DaySource:
-    """The reader of one preprocessed day (see the module doc)."""
+def open_day(cfg: DataConfig, day: DayName, spec: Optional[MultiHotSpec]) -> DaySource:
+    """The reader of one preprocessed day, or of the Kaggle file named by its stem (see the module doc)."""
     npz_path = day_path(cfg.path, day, NPZ_SUFFIX)
     if cfg.format == "npz" and os.path.exists(npz_path):
         npz_day = NpzDay(cfg.path, day)
@@ -153,10 +165,18 @@ def _open_day(cfg: DataConfig, day: int, spec: Optional[MultiHotSpec]) -> DaySou
     if cfg.format == "npz" and spec is None:
         raise FileNotFoundError(f"{npz_path}: no such file; set data.multi_hot_sizes to expand "
                                 f"{day_path(cfg.path, day, 'sparse.npy')} on the fly instead")
+    dense = day_path(cfg.path, day, "dense.npy")
+    kaggle = day_path(cfg.path, KAGGLE_NPY_STEM, "dense.npy")
+    if cfg.kaggle_file is None and not os.path.exists(dense) and os.path.exists(kaggle):
+        raise FileNotFoundError(
+            f"{dense}: no such file; {cfg.path} holds TorchRec's Criteo Kaggle arrays "
+            f"{KAGGLE_NPY_STEM}_{{dense,sparse,labels}}.npy (npy_preproc_criteo --dataset_name criteo_kaggle): read "
+            f"them with data.kaggle_file={KAGGLE_NPY_STEM}, cut into data.num_days={cfg.num_days} days (preset "
+            "configs/criteo_kaggle_npy.yaml, see docs/DATA.md)")
     if spec is None:
         return NpyDay(cfg.path, day)
     if cfg.format == "npz":
-        logger.info("%s is absent: expanding the one-hot day %d to multi-hot on the fly", npz_path, day)
+        logger.info("%s is absent: expanding the one-hot day %s to multi-hot on the fly", npz_path, day)
     return MultiHotDay(NpyDay(cfg.path, day), tables_for(spec))
 
 
@@ -178,13 +198,18 @@ def _split_source(cfg: DataConfig, split: str) -> Tuple[_Source, int]:
         seg.row_start, seg.row_stop = (0, half) if split == "val" else (half, None)
         return segments, (half if split == "val" else total - half)
     spec = multi_hot_spec(cfg)
-    opened = [_open_day(cfg, d, spec) for d in days]
-    if split == "train":
-        source = _ArraySplit([(day, 0, day.num_rows) for day in opened])
+    if cfg.kaggle_file is not None:  # one file, its consecutive "days" are row ranges of it
+        whole = open_day(cfg, cfg.kaggle_file, spec)
+        starts = kaggle_day_starts(day_path(cfg.path, cfg.kaggle_file, "dense.npy"), whole.num_rows, cfg.num_days)
+        pieces = [(whole, starts[d], starts[d + 1]) for d in days]
     else:
-        total = opened[0].num_rows
-        half = math.ceil(total / 2)
-        source = _ArraySplit([(opened[0], 0, half) if split == "val" else (opened[0], half, total)])
+        pieces = [(day, 0, day.num_rows) for day in (open_day(cfg, d, spec) for d in days)]
+    if split == "train":
+        source = _ArraySplit(pieces)
+    else:
+        day, first, end = pieces[0]
+        half = first + math.ceil((end - first) / 2)
+        source = _ArraySplit([(day, first, half) if split == "val" else (day, half, end)])
     return source, source.num_rows
 
 
@@ -280,7 +305,7 @@ def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
     """Mean ids per sample for each sparse feature, from the first training day: 1.0 for npy (one-hot),
     ``size_f`` for npz or an on-the-fly multi-hot expansion, and for TSV the share of non-missing values in
     its first rows."""
-    day = cfg.train_days[0]
+    day: DayName = cfg.train_days[0] if cfg.kaggle_file is None or cfg.format == "tsv" else cfg.kaggle_file
     spec = multi_hot_spec(cfg)
     if cfg.format == "npz" and os.path.exists(day_path(cfg.path, day, NPZ_SUFFIX)):
         return [float(size) for size in NpzDay(cfg.path, day).sizes]
@@ -290,7 +315,7 @@ def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:
         return [1.0] * len(SPARSE_FEATURES)
     if cfg.format == "npz":
         return [float(size) for size in NpzDay(cfg.path, day).sizes]
-    seg = _tsv_segments(cfg, [day])[0]
+    seg = _tsv_segments(cfg, [cfg.train_days[0]])[0]
     parser = tsv.TsvParser(seg.path, cfg.tsv_has_label, cfg.bad_rows, log=False)
     rows = [row for _, _, row in itertools.islice(tsv.iter_rows(seg, parser, lambda j: True), sample_rows)
             if row is not None]

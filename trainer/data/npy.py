@@ -2,7 +2,9 @@
 
 ``day_{i}_dense.npy`` float32 (N, 13), ``day_{i}_sparse.npy`` int32/int64 (N, 26),
 ``day_{i}_labels.npy`` integer (N, 1) or (N,), optional ``day_{i}_oracle_logits.npy`` float32 (N,).
-Arrays are opened with ``mmap_mode="r"``; only the rows asked for are read, and validated as they are read.
+TorchRec's ``npy_preproc_criteo --dataset_name criteo_kaggle`` writes the same arrays under the stem ``train``
+(``train_{dense,sparse,labels}.npy``: float32, int64 raw ids, int32): a ``day`` given as a string is such a
+stem. Arrays are opened with ``mmap_mode="r"``; only the rows asked for are read, and validated as they are read.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tokenize
-from typing import BinaryIO, Optional, Tuple
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 
@@ -19,9 +21,14 @@ from trainer.data.types import NUM_DENSE, NUM_SPARSE, SPARSE_FEATURES, Chunk, Da
 logger = logging.getLogger(__name__)
 
 
-def day_path(directory: str, day: int, suffix: str) -> str:
-    """``DIR/day_{day}_{suffix}`` (suffix e.g. "dense.npy")."""
-    return os.path.join(directory, f"day_{day}_{suffix}")
+#: A day index (files ``day_{i}_*``) or a file stem such as TorchRec's Kaggle ``train`` (files ``train_*``).
+DayName = Union[int, str]
+
+
+def day_path(directory: str, day: DayName, suffix: str) -> str:
+    """``DIR/day_{day}_{suffix}`` (suffix e.g. "dense.npy"), or ``DIR/{day}_{suffix}`` for a stem."""
+    stem = day if isinstance(day, str) else f"day_{day}"
+    return os.path.join(directory, f"{stem}_{suffix}")
 
 
 def read_npy_header(fin: BinaryIO, where: str) -> Tuple[Tuple[int, ...], bool, np.dtype, int]:
@@ -77,7 +84,7 @@ def check_ids(path: str, ids: np.ndarray, first_row: int, feature: Optional[int]
 class DenseLabels:
     """The dense, labels and optional oracle arrays of one day, shared by the npy and npz readers."""
 
-    def __init__(self, directory: str, day: int) -> None:
+    def __init__(self, directory: str, day: DayName) -> None:
         self.dense_path = day_path(directory, day, "dense.npy")
         self.labels_path = day_path(directory, day, "labels.npy")
         self.oracle_path = day_path(directory, day, "oracle_logits.npy")
@@ -132,7 +139,7 @@ class DenseLabels:
 class NpyDay(DaySource):
     """One one-hot day: one id per sample per feature."""
 
-    def __init__(self, directory: str, day: int) -> None:
+    def __init__(self, directory: str, day: DayName) -> None:
         self.base = DenseLabels(directory, day)
         self.sparse_path = day_path(directory, day, "sparse.npy")
         self.sparse = open_array(self.sparse_path)

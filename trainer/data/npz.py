@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from trainer.data.npy import DenseLabels, check_ids, day_path, expect, read_npy_header
+from trainer.data.npy import DayName, DenseLabels, check_ids, day_path, expect, read_npy_header
 from trainer.data.types import NUM_SPARSE, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def open_npz_lazily(path: str) -> Dict[str, np.ndarray]:
 class NpzDay(DaySource):
     """One multi-hot day: ``size_f`` ids per sample for feature f (every bag has length size_f)."""
 
-    def __init__(self, directory: str, day: int) -> None:
+    def __init__(self, directory: str, day: DayName) -> None:
         self.base = DenseLabels(directory, day)
         self.sparse_path = day_path(directory, day, "sparse_multi_hot.npz")
         members = open_npz_lazily(self.sparse_path)
