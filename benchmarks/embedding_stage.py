@@ -140,7 +140,7 @@ def build_lma_index(path: Path, names: Sequence[str], rows: Sequence[int], dim: 
     header = IndexHeader(seed=seed, num_chunks=num_chunks, num_hashes=num_hashes, key_seed=KEY_SEED,
                          feature_names=list(names), rows_sampled=sample_rows, rows_available=sample_rows,
                          values_seen=len(sig), values_covered=int(keep.sum()), min_count=1,
-                         values_per_feature=np.bincount(sig.features[keep], minlength=len(names)).tolist(),
+                         sample_rows=sample_rows, values_per_feature=np.bincount(sig.features[keep], minlength=len(names)).tolist(),
                          source={"synthetic": dist_name, "benchmark": "embedding_stage"})
     save_index(LmaIndex(header, sig.keys[keep], sig.signatures[keep], sig.features[keep], sig.counts[keep]), path)
 

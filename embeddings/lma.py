@@ -30,6 +30,7 @@ from embeddings import registry
 from embeddings.budget import budget_bytes
 from embeddings.chunked import (
     RemappedEmbeddingBagCollection,
+    check_choice,
     check_int,
     remapped_spec,
     where,
@@ -38,7 +39,7 @@ from embeddings.chunked import (
 from embeddings.hashing import salted_hash
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
 from embeddings.hot_rows import HotSet, hot_bytes
-from embeddings.lma_minhash import KEY_SEED, chunk_addresses, key_salts, value_keys
+from embeddings.lma_minhash import SEMANTIC_SETS, KEY_SEED, chunk_addresses, key_salts, value_keys
 from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
 from embeddings.types import SparseArchContext
 
@@ -55,6 +56,12 @@ class LmaOptions(ChunkedOptions):
     - ``sample_rows``: training rows the index samples (the paper's 125,000), capped by the data size.
     - ``min_count``: index only values occurring in at least this many sampled rows (the rest use the
       random fallback; a larger value shrinks the dictionary counted in the memory report).
+    - ``semantic_set``: what two values must share to share memory. "rows" (the paper): the sampled rows they
+      occur in, so only values of *different* features that co-occur ever share; "values" (this project's
+      variant): the values of other features they occur with, so values of the *same* feature seen in the
+      same contexts share, and values of different features never do (``embeddings.lma_minhash``).
+    - ``context_min_values``: with "values", the context features are those with at least this many distinct
+      values in the sampled rows (small features are in every value's context and would merge everything).
     - ``dictionary_share``: with ``budget``, the dictionary keeps at most this share of the budget left after
       the hot rows: the index's most frequent values first (the others use the random fallback). Null = the
       whole index (an error if it does not fit).
@@ -65,12 +72,16 @@ class LmaOptions(ChunkedOptions):
     sample_rows: int = 125_000
     min_count: int = 1
     dictionary_share: Optional[float] = 0.5
+    semantic_set: str = "rows"
+    context_min_values: int = 1000
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("num_hashes", self.num_hashes, 1, 64)
         check_int("sample_rows", self.sample_rows, 1, MAX_ROWS)
         check_int("min_count", self.min_count, 1)
+        check_choice("semantic_set", self.semantic_set, SEMANTIC_SETS)
+        check_int("context_min_values", self.context_min_values, 1)
         if self.index_path is not None and (not isinstance(self.index_path, str) or not self.index_path):
             raise ValueError(f"{where('index_path')} must be a non-empty path or null, got {self.index_path!r}")
         if self.dictionary_share is not None and not (isinstance(self.dictionary_share, (int, float))
@@ -124,14 +135,16 @@ class MinhashChunkAddresser(ChunkAddresser):
         """(sorted keys [V] int64, rows [V, C] int32) for ``layout``'s memory size, on CPU (computed once)."""
         if self._rows is None:
             index = load_index(self.path)
-            check_header(index.header, self.path, seed=self.seed, num_chunks=layout.num_chunks,
+            check_header(index.header, self.path, seed=self.seed, semantic_set=self.header.semantic_set,
+                         num_chunks=layout.num_chunks,
                          num_hashes=self.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
             keep = self.keep
             features = torch.from_numpy(index.features[keep].astype("int64"))
             rows = torch.tensor(layout.feature_rows(), dtype=torch.int64)[features]
             wrap = torch.tensor(wrap_of(layout.feature_rows()), dtype=torch.int64)[features]
+            by_feature = features if index.header.semantic_set == "values" else None
             addresses = chunk_addresses(torch.from_numpy(index.signatures[keep]), self.num_hashes, self.seed, rows,
-                                        wrap)
+                                        wrap, by_feature)
             self._rows = (torch.from_numpy(index.keys[keep]), addresses.to(torch.int32))
         return self._rows
 
@@ -188,7 +201,8 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         if too_big:
             raise ValueError(f"LMA tables of {too_big} rows exceed {MAX_ROWS} (rows are kept as int32); lower "
                              f"{where('memory_fraction')} or raise {where('chunk_size')}")
-        check_header(header, options.index_path, seed=options.seed, num_chunks=layout.num_chunks,
+        check_header(header, options.index_path, seed=options.seed, semantic_set=options.semantic_set,
+                     num_chunks=layout.num_chunks,
                      num_hashes=options.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
         layout.addresser = MinhashChunkAddresser(options.index_path, header, options.num_hashes, options.seed,
                                                  keep["mask"])

@@ -4,11 +4,14 @@ One uncompressed ``.npz`` file (``numpy.load(path, allow_pickle=False)`` reads i
 
 - ``header``: 0-d unicode array, a JSON object (:class:`IndexHeader`): ``format`` = ``compactrec-lma-index``,
   ``version``, the parameters the signatures depend on (``seed``, ``num_chunks`` C, ``num_hashes`` K,
-  ``key_seed``, ``feature_names`` in feature-index order, ``min_count``, ``sample_rows``), provenance (``source``:
+  ``key_seed``, ``feature_names`` in feature-index order, ``min_count``, ``sample_rows``, ``semantic_set``,
+  ``context_min_values``), provenance (``source``:
   the fingerprint of the training split, ``trainer.artifacts.data_fingerprint``; ``created``) and outcomes
   (rows sampled/available, values seen/covered).
 - ``keys`` [V] int64, strictly increasing: value keys ``hash64(x, f, key_seed, 0)`` (``embeddings.lma_minhash``).
-- ``signatures`` [V, C*K] int32: minhash ``j`` = smallest rank of the value's sampled rows under permutation j.
+- ``signatures`` [V, C*K] int32: minhash ``j`` of the value's semantic set (``embeddings.lma_minhash``): with
+  ``semantic_set: rows`` the smallest rank of its sampled rows under permutation j; with ``values`` the smallest
+  hash of the values of other (context) features it occurs with.
 - ``features`` [V] int16: feature index of each value; ``counts`` [V] int32: occurrences in sampled rows.
 
 Training keeps only ``keys`` and per-chunk int32 rows derived from ``signatures`` (see ``embeddings.lma``):
@@ -29,7 +32,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 FORMAT = "compactrec-lma-index"
-VERSION = 2  # 2: sample_rows, created and the data fingerprint in the header; rows sampled independent of batching
+VERSION = 3  # 2: sample_rows, created, the data fingerprint; rows sampled independent of batching. 3: semantic_set
 BUILD_COMMAND = "compactrec prepare CONFIG (or compactrec lma-index CONFIG --out PATH)"
 ARRAYS = ("keys", "signatures", "features", "counts")
 
@@ -49,6 +52,8 @@ class IndexHeader:
     values_covered: int
     min_count: int
     sample_rows: int
+    semantic_set: str = "rows"
+    context_min_values: int = 1000
     values_per_feature: List[int] = field(default_factory=list)
     source: Dict[str, Any] = field(default_factory=dict)
     created: str = ""
@@ -157,9 +162,10 @@ def load_index(path: str | Path) -> LmaIndex:
 
 
 def check_header(header: IndexHeader, path: str | Path, *, seed: int, num_chunks: int, num_hashes: int,
-                 feature_names: Sequence[str], key_seed: int) -> None:
+                 feature_names: Sequence[str], key_seed: int, semantic_set: str = "rows") -> None:
     """Raise if the artifact was built for other settings than the run's (naming each difference)."""
     wanted = {
+        "semantic_set": (header.semantic_set, semantic_set, "embeddings.options.semantic_set"),
         "key_seed": (header.key_seed, key_seed, "embeddings.lma_minhash.KEY_SEED of this code"),
         "seed": (header.seed, seed, "embeddings.options.seed"),
         "num_chunks": (header.num_chunks, num_chunks, "model.embedding_dim / embeddings.options.chunk_size"),

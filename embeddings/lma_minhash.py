@@ -10,6 +10,12 @@ Definitions (``hash64``, ``hash_salt``, ``mix64``, unsigned ``mod``: ``embedding
 - Minhash function ``j`` is a random permutation of the sampled rows: row ``r`` has rank
   ``pi_j(r) = position of hash64(r, j, seed, PERMUTATION_TAG) in sorted order``. The signature of a set S is
   ``s_j(S) = min over r in S of pi_j(r)`` (int32), so ``Pr[s_j(A) = s_j(B)] = J(A, B)`` (Jaccard).
+- ``semantic_set: values`` (this project's variant): the semantic set of value ``(f, x)`` is the set of values
+  ``(g, y)``, ``g != f`` a context feature (one with at least ``context_min_values`` distinct values in the sample),
+  that occur in a sampled row with it. Minhash ``j`` of it is the smallest ``h_j(g, y) = hash64(key(g, y), j, seed,
+  CONTEXT_TAG) >>> 33`` (31 bits): values of one feature seen with the same context values share memory.
+  Their addresses also mix in the feature index, so values of different features never share by meaning
+  (with ``rows`` they do: co-occurring values of different features have overlapping row sets).
 - Chunk ``c`` of a value uses minhashes ``j = c*K .. c*K + K - 1``, combined with ``c`` and the seed:
   ``a_0 = hash_salt(c, seed, ADDRESS_TAG)``, ``a_{k+1} = mix64(a_k ^ s_{cK+k})``, row ``= a_K mod rows``
   (unsigned). Two values share chunk ``c`` if all K minhashes agree (probability J**K) or, otherwise, by a
@@ -19,7 +25,7 @@ Definitions (``hash64``, ``hash_salt``, ``mix64``, unsigned ``mod``: ``embedding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +36,10 @@ from embeddings.hashing import hash64, hash_salt, mix64
 KEY_SEED = 0x4C4D414B4559  # "LMAKEY"
 PERMUTATION_TAG = 1
 ADDRESS_TAG = 2
+CONTEXT_TAG = 3
+FEATURE_TAG = 4
+SEMANTIC_SETS = ("rows", "values")
+INT32_MAX = (1 << 31) - 1
 
 
 def key_salts(num_features: int) -> torch.Tensor:
@@ -109,6 +119,12 @@ class SignatureAccumulator:
         self._pending_pairs = 0
         self.merges = 0
 
+    def add_signatures(self, keys: np.ndarray, signatures: np.ndarray, features: np.ndarray) -> None:
+        """Pairs given by their own signature contribution ([n, H] int32) instead of a sampled row."""
+        self._result = merge(self._result, _reduce(keys.astype(np.int64), signatures.astype(np.int32),
+                                                   features.astype(np.int16), np.ones(keys.shape[0], np.int32)))
+        self.merges += 1
+
     def add(self, keys: np.ndarray, rows: np.ndarray, features: np.ndarray) -> None:
         """Pairs: value ``keys[i]`` (int64) of feature ``features[i]`` occurs in sampled row ``rows[i]``."""
         if not keys.shape[0] == rows.shape[0] == features.shape[0]:
@@ -132,16 +148,35 @@ class SignatureAccumulator:
         return self._result
 
 
+def context_signatures(keys: np.ndarray, rows: np.ndarray, features: np.ndarray, num_rows: int, num_features: int,
+                       num_functions: int, seed: int, context: np.ndarray) -> np.ndarray:
+    """[n, H] int32 contribution of each (value key, sampled row, feature) pair under ``semantic_set: values``:
+    per function, the smallest hash of the context features' values in the pair's row, its own feature excluded
+    (``INT32_MAX`` when the row has no other context value). ``context`` [F] bool marks the context features."""
+    hashes = np.stack([(hash64(torch.from_numpy(keys), j, seed, CONTEXT_TAG) >> 33).numpy()
+                       for j in range(num_functions)], axis=1).astype(np.int64)  # [n, H], in [0, 2**31)
+    per_bag = np.full((num_rows, num_features, num_functions), INT32_MAX, dtype=np.int64)
+    in_context = context[features]
+    for j in range(num_functions):  # a multi-hot bag contributes its smallest value hash
+        np.minimum.at(per_bag[:, :, j], (rows[in_context], features[in_context]), hashes[in_context, j])
+    order = np.argsort(per_bag, axis=1, kind="stable")
+    first = np.take_along_axis(per_bag, order[:, :1], axis=1)[:, 0]  # [R, H]
+    second = np.take_along_axis(per_bag, order[:, 1:2], axis=1)[:, 0] if num_features > 1 else first
+    own_is_first = order[rows, 0, :] == features[:, None]
+    return np.where(own_is_first, second[rows], first[rows]).astype(np.int32)
+
+
 def set_signatures(sets: Sequence[np.ndarray], ranks: np.ndarray) -> np.ndarray:
     """[S, H] int32 minhash signatures of explicit sets of sampled rows (a reference for tests)."""
     return np.stack([ranks[np.asarray(s, dtype=np.int64)].min(axis=0) for s in sets]).astype(np.int32)
 
 
 def chunk_addresses(signatures: torch.Tensor, num_hashes: int, seed: int, rows: torch.Tensor,
-                    wrap: torch.Tensor) -> torch.Tensor:
+                    wrap: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[V, C] int64 rows of the C chunks of V values from their [V, C*K] signatures.
 
     ``rows`` / ``wrap`` ([V] or scalar tensors): table rows of each value's group and ``2**64 mod rows``.
+    ``features`` ([V], ``semantic_set: values``): mixed into every address, so only values of one feature share.
     """
     count, width = signatures.shape
     if width % num_hashes:
@@ -150,6 +185,8 @@ def chunk_addresses(signatures: torch.Tensor, num_hashes: int, seed: int, rows: 
     sig = signatures.to(torch.int64).view(count, chunks, num_hashes)
     acc = hash_salt(torch.arange(chunks, dtype=torch.int64), seed, ADDRESS_TAG).to(sig.device)
     acc = acc[None, :].expand(count, chunks)
+    if features is not None:
+        acc = acc ^ hash_salt(features.to(torch.int64), seed, FEATURE_TAG)[:, None]
     for k in range(num_hashes):
         acc = mix64(acc ^ sig[:, :, k])
     rows = rows.to(torch.int64).reshape(-1, 1) if rows.dim() else rows

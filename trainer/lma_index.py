@@ -29,7 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings.hashing import mix64
 from embeddings.lma import LmaOptions
 from embeddings.lma_index import IndexHeader, LmaIndex, read_header, save_index
-from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, key_salts, row_ranks
+from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, context_signatures, key_salts, row_ranks
 from trainer.artifacts import check_provenance, data_fingerprint, differences
 from trainer.config import Config
 from trainer.data import loader
@@ -60,14 +60,16 @@ def shaping_options(options: LmaOptions, chunks: int, feature_names: Sequence[st
     """Every option an index depends on (what a header records and a config must match)."""
     return {"seed": options.seed, "num_chunks": chunks, "num_hashes": options.num_hashes, "key_seed": KEY_SEED,
             "feature_names": list(feature_names), "min_count": options.min_count,
-            "sample_rows": options.sample_rows}
+            "sample_rows": options.sample_rows, "semantic_set": options.semantic_set,
+            "context_min_values": options.context_min_values}
 
 
 def recorded_provenance(header: IndexHeader) -> Dict[str, Any]:
     """What an index header says it was built from and with."""
     return {"options": {"seed": header.seed, "num_chunks": header.num_chunks, "num_hashes": header.num_hashes,
                         "key_seed": header.key_seed, "feature_names": list(header.feature_names),
-                        "min_count": header.min_count, "sample_rows": header.sample_rows},
+                        "min_count": header.min_count, "sample_rows": header.sample_rows,
+                        "semantic_set": header.semantic_set, "context_min_values": header.context_min_values},
             "source": header.source}
 
 
@@ -122,7 +124,12 @@ def build_index_from_batches(batches: Iterable[KeyedJaggedTensor], num_rows: int
     if count == 0:
         raise ValueError("no rows to sample the LMA index from")
     sample = np.sort(np.random.default_rng(options.seed).choice(num_rows, size=count, replace=False))
-    accumulator = SignatureAccumulator(row_ranks(count, chunks * options.num_hashes, options.seed), max_pairs)
+    functions = chunks * options.num_hashes
+    by_values = options.semantic_set == "values"
+    # rows: pairs stream into the accumulator; values: the sampled pairs are kept (their row's other values decide)
+    accumulator = SignatureAccumulator(row_ranks(count, functions, options.seed) if not by_values
+                                       else np.empty((0, functions), np.int32), max_pairs)
+    pairs: List[np.ndarray] = []
     salts = key_salts(len(features))
     offset = 0
     for kjt in batches:
@@ -139,19 +146,34 @@ def build_index_from_batches(batches: Iterable[KeyedJaggedTensor], num_rows: int
             feature = torch.repeat_interleave(torch.arange(len(features)), lengths.view(len(features), -1).sum(1))
             keep = sampled >= 0
             values, feature, sampled = kjt.values().to(torch.int64)[keep], feature[keep], sampled[keep]
-            accumulator.add(mix64(values ^ salts[feature]).numpy(), sampled.numpy(), feature.numpy())
+            keys = mix64(values ^ salts[feature]).numpy()
+            if by_values:
+                pairs.append(np.stack([keys, sampled.numpy(), feature.numpy()]))
+            else:
+                accumulator.add(keys, sampled.numpy(), feature.numpy())
         offset += size
         if offset > sample[-1]:
             break
     if offset <= sample[-1]:
         raise ValueError(f"the data ended after {offset} rows, before sampled row {int(sample[-1])} of {num_rows} "
                          "(did a file change while it was read?)")
+    if by_values:
+        keys, rows, feats = np.concatenate(pairs, axis=1) if pairs else np.empty((3, 0), np.int64)
+        distinct = np.array([np.unique(keys[feats == f]).size for f in range(len(features))])
+        context = distinct >= options.context_min_values
+        if int(context.sum()) < 2:
+            raise ValueError(f"semantic_set 'values' needs at least 2 context features with >= "
+                             f"{options.context_min_values} distinct values in the sample, found {int(context.sum())} "
+                             f"({dict(zip(features, distinct.tolist()))}); lower embeddings.options.context_min_values")
+        accumulator.add_signatures(keys, context_signatures(keys, rows, feats, count, len(features), functions,
+                                                            options.seed, context), feats)
     signatures = accumulator.result()
     keep_values = signatures.counts >= options.min_count
     header = IndexHeader(
         seed=options.seed, num_chunks=chunks, num_hashes=options.num_hashes, key_seed=KEY_SEED,
         feature_names=features, rows_sampled=count, rows_available=num_rows, values_seen=len(signatures),
         values_covered=int(keep_values.sum()), min_count=options.min_count, sample_rows=options.sample_rows,
+        semantic_set=options.semantic_set, context_min_values=options.context_min_values,
         values_per_feature=np.bincount(signatures.features[keep_values], minlength=len(features)).tolist(),
         source=dict(source or {}), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings import registry
 from embeddings.hashing import hash_to_range
 from embeddings.lma import SPEC, LmaEmbeddingBagCollection, LmaOptions
-from embeddings.lma_index import FORMAT, IndexHeader, LmaIndex, load_index, read_header, save_index
+from embeddings.lma_index import FORMAT, VERSION, IndexHeader, LmaIndex, load_index, read_header, save_index
 from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, chunk_addresses, row_ranks, value_keys
 from embeddings.types import SparseArchContext
 
@@ -108,7 +108,7 @@ def test_index_round_trip_and_header_only_read(index_path: Path) -> None:
     index = load_index(index_path)
     again = load_index(index_path)
     assert index.header == again.header == read_header(index_path)
-    assert index.header.format == FORMAT and index.header.version == 2
+    assert index.header.format == FORMAT and index.header.version == VERSION
     for name in ("keys", "signatures", "features", "counts"):
         np.testing.assert_array_equal(getattr(index, name), getattr(again, name))
     assert index.keys.dtype == np.int64 and bool(np.all(np.diff(index.keys) > 0))
@@ -138,7 +138,7 @@ def test_index_that_does_not_match_the_config_is_rejected(index_path: Path, chan
 def test_other_format_versions_and_files_are_rejected(index_path: Path, tmp_path: Path) -> None:
     index = load_index(index_path)
     _rewrite_header(index_path, version=1)
-    with pytest.raises(ValueError, match=r"format version 1, this code reads version 2; rebuild"):
+    with pytest.raises(ValueError, match=r"format version 1, this code reads version 3; rebuild"):
         read_header(index_path)
     save_index(dataclasses.replace(index, header=dataclasses.replace(index.header, format="other")), index_path)
     with pytest.raises(ValueError, match="is not 'compactrec-lma-index'"):

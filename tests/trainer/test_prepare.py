@@ -94,9 +94,9 @@ def test_index_of_an_older_format_is_rebuilt(tiny_dataset: Path, tmp_path: Path,
     old = load_index(index)
     save_index(dataclasses.replace(old, header=dataclasses.replace(old.header, version=1)), index)
     assert main(["train", *_args(tiny_dataset, tmp_path)]) == 2
-    assert "format version 1, this code reads version 2" in capsys.readouterr().err
+    assert "format version 1, this code reads version 3" in capsys.readouterr().err
     assert main(["prepare", *_args(tiny_dataset, tmp_path)]) == 0
-    assert load_index(index).header.version == 2
+    assert load_index(index).header.version == 3
 
 
 def test_prepare_full_is_a_no_op(capsys: pytest.CaptureFixture[str]) -> None:
