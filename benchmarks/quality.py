@@ -41,9 +41,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin" / "compactrec"
-METHODS = ("full", "full_mod", "hash", "robe", "memrec", "lma", "qr")
+METHODS = ("full", "full_mod", "hash", "robe", "memrec", "lma", "qr", "lma_values")
+# sparse_lr 0.2 for every method, full included: each improved over 0.1 (the 2-rank preset's value) single-process
+# at global batch 1024, 0.4 was worse (docs/RESULTS.md, "learning rate")
 COMMON = ["embeddings.table_sizes=counts", "training.evals_per_epoch=1", "training.final_test=false",
-          "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200"]
+          "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200",
+          "optimizer.sparse_lr=0.2"]
 # the protocol's per-method settings (chosen by the sweeps in docs/RESULTS.md; override with --set)
 METHOD_DEFAULTS: Dict[str, List[str]] = {
     "full": ["embeddings.kind=full", "embeddings.options.ids=vocabulary"],
@@ -53,6 +56,8 @@ METHOD_DEFAULTS: Dict[str, List[str]] = {
     "memrec": ["embeddings.kind=memrec", "embeddings.options.weight_init=ones"],
     "lma": ["embeddings.kind=lma", "embeddings.options.num_hashes=2", "embeddings.options.min_count=2"],
     "qr": ["embeddings.kind=qr"],
+    "lma_values": ["embeddings.kind=lma", "embeddings.options.num_hashes=2", "embeddings.options.min_count=2",
+                   "embeddings.options.semantic_set=values"],
 }
 
 
@@ -77,9 +82,9 @@ def cell_overrides(cell: Dict[str, Any], data_path: str, runs_root: Path, sets: 
           f"training.epochs={cell['epochs']}"]
     if method not in ("full", "full_mod"):
         ov += [f"embeddings.options.budget={cell['budget']}", f"embeddings.options.hot_share={cell['hot']}"]
-    if method == "lma":
-        ov.append(f"embeddings.options.index_path={runs_root / ('lma_index_' + cell['dataset'] + '.npz')}")
-    return ov + sets.get(method, []) + sets.get("*", []) + extra
+    if method.startswith("lma"):
+        ov.append(f"embeddings.options.index_path={runs_root / (method + '_index_' + cell['dataset'] + '.npz')}")
+    return ov + sets.get("*", []) + sets.get(method, []) + extra
 
 
 def run_cell(cell: Dict[str, Any], overrides: List[str], runs_root: Path, config: str) -> Dict[str, Any]:
@@ -195,8 +200,11 @@ def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _full_of(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    return next((r for r in rows if r["method"] == "full" and r["dataset"] == row["dataset"]
-                 and r["epochs"] == row["epochs"] and r["tag"] == row["tag"]), None)
+    """The full model of the same dataset and tag: trained for as many epochs if there is one, else the one
+    trained longest (its 1-epoch AUC is the same evaluation; its best is over its own epochs)."""
+    fulls = [r for r in rows if r["method"] == "full" and r["dataset"] == row["dataset"] and r["tag"] == row["tag"]]
+    same = [r for r in fulls if r["epochs"] == row["epochs"]]
+    return (same or sorted(fulls, key=lambda r: -r["epochs"]) or [None])[0]
 
 
 def delta(row: Dict[str, Any], full: Dict[str, Any], field: str) -> Tuple[float, float, int]:
@@ -250,7 +258,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 
     datasets = sorted({(r["dataset"], r["tag"]) for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 5), squeeze=False)
-    colors = {"hash": "C3", "robe": "C2", "memrec": "C0", "lma": "C1", "qr": "C4"}
+    colors = {"hash": "C3", "robe": "C2", "memrec": "C0", "lma": "C1", "qr": "C4", "lma_values": "C5"}
     for ax, (ds, tag) in zip(axes[0], datasets):
         mine = [r for r in rows if r["dataset"] == ds and r["tag"] == tag]
         full = next((r for r in mine if r["method"] == "full"), None)
