@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -225,14 +225,14 @@ def as_remapped(module: nn.Module) -> RemappedEmbeddingBagCollection:
 
 
 def row_wise_constraints(module: nn.Module, topology: TopologyInfo) -> Dict[str, ParameterConstraints]:
-    """Every inner table row_wise (table_row_wise on several nodes), fused, with its true pooling factors."""
+    """Every inner table row_wise (table_row_wise on several nodes, table_wise on a single rank), fused, with its
+    true pooling factors."""
     remapped = as_remapped(module)
     remapped.layout.check_shardable()
-    row_wise = ShardingType.TABLE_ROW_WISE if topology.num_nodes > 1 else ShardingType.ROW_WISE
     factors = remapped.layout.planner_pooling_factors(remapped.pooling_factors)
     return {
         config.name: ParameterConstraints(
-            sharding_types=[row_wise.value],
+            sharding_types=[topology.row_sharding_type()],
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             pooling_factors=factors[config.name],
         )

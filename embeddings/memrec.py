@@ -4,9 +4,10 @@ Modules: :class:`MemRecEmbeddingBagCollection` (per token, drop-in for an EBC) a
 :class:`MemRecPerSampleEmbeddingBag` (per sample, with :class:`MemRecPerSampleDLRM` as its head);
 ``options.granularity`` picks one. Ids are raw (any int64): the module hashes them.
 
-Default placement: token tables row_wise (table_row_wise on several nodes) on the fused TBE kernel,
-with their true pooling factors (lookups per sample) and weightedness. The weight table is no table: a dense
-parameter replicated on every rank and all-reduced by DDP (never planned; counted by :func:`memory`).
+Default placement: token tables row_wise (table_row_wise on several nodes, table_wise on a single rank where
+there is nothing to split) on the fused TBE kernel, with their true pooling factors (lookups per sample) and
+weightedness. The weight table is no table: a dense parameter replicated on every rank and all-reduced by DDP
+(never planned; counted by :func:`memory`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.distributed.types import ModuleSharder
 
 from embeddings import registry
 from embeddings.budget import FLOAT_BYTES, budget_bytes, remaining, select_hot
@@ -99,15 +100,15 @@ def _as_memrec(module: nn.Module) -> MemRecModuleBase:
 def default_constraints(
     module: nn.Module, options: MemRecOptions, topology: TopologyInfo
 ) -> Dict[str, ParameterConstraints]:
-    """Token tables row-wise (table_row_wise across nodes), fused. The weight table is not planned (replicated)."""
+    """Token tables row-wise (table_row_wise across nodes, table_wise on one rank), fused. The weight table is
+    not planned (replicated)."""
     memrec = _as_memrec(module)
     layout = memrec.layout
-    row_wise = ShardingType.TABLE_ROW_WISE if topology.num_nodes > 1 else ShardingType.ROW_WISE
     factors = layout.planner_pooling_factors(memrec.pooling_factors)
     constraints: Dict[str, ParameterConstraints] = {}
     for config in memrec.embedding_bag_configs():
         constraints[config.name] = ParameterConstraints(
-            sharding_types=[row_wise.value],
+            sharding_types=[topology.row_sharding_type()],
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             pooling_factors=factors[config.name],
             is_weighted=layout.is_weighted,

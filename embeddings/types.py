@@ -83,6 +83,14 @@ class TopologyInfo:
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 
+    def row_sharding_type(self) -> str:
+        """Sharding type of a table the plan splits by rows: ``table_row_wise`` across nodes (row shards stay
+        inside a node), ``row_wise`` on one node, and ``table_wise`` on a single rank, where the one shard is the
+        whole table and row-wise would only add its input bucketization and output reduce-scatter."""
+        if self.world_size == 1:
+            return "table_wise"
+        return "table_row_wise" if self.num_nodes > 1 else "row_wise"
+
 
 @dataclass(frozen=True)
 class TableMemory:

@@ -19,6 +19,13 @@ The weight table is a dense replicated parameter, like an MLP weight or the posi
 ``shardable_parameters()``. The planner therefore only places the token tables, and any placement it picks
 for them (row_wise, table_wise, data_parallel, ...) is valid: a stock ``EmbeddingShardingPlanner`` needs no
 constraints. Nothing here is device specific (CPU/gloo and CUDA/NCCL run the same code).
+
+Factored training path (``embeddings.memrec_factored``): when every bag's lookups share one weight row (one-hot
+data with kw = 1) on every rank, and the lookups run on CPU, ``input_dist`` drops the KJT weights and records the
+weight row of each bag; the token lookup runs unweighted and ``output_dist`` scales each pooled bag by its alpha,
+so the weight gradient comes from the pooled outputs instead of fbgemm's per-lookup weight-gradient kernel.
+Every rank takes the same path (one scalar all-reduce when world size > 1: the input all-to-all must carry the
+same tensors everywhere). Other batches, eval and CUDA keep the weighted lookup.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from functools import partial
 from typing import Dict, Iterator, List, Optional, Type
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
@@ -39,7 +47,16 @@ from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterShardi
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.memrec_layout import MemRecAux, init_weight_table
+from embeddings.memrec_factored import (
+    FactoredBags,
+    bag_alpha,
+    factor_bags,
+    is_factorable,
+    key_order,
+    scale_bags,
+    without_weights,
+)
+from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
@@ -69,11 +86,14 @@ class MemRecContext(EmbeddingBagCollectionContext):
     """The inner EBC's context plus what ``finish`` needs from ``expand``."""
 
     aux: Optional[MemRecAux] = None
+    bags: Optional[FactoredBags] = None  # set when this batch takes the factored path
 
     def record_stream(self, stream: torch.Stream) -> None:
         super().record_stream(stream)
         if self.aux is not None:
             self.aux.record_stream(stream)
+        if self.bags is not None:
+            self.bags.record_stream(stream)
 
 
 class ShardedMemRecEmbeddingBag(
@@ -124,19 +144,44 @@ class ShardedMemRecEmbeddingBag(
         for name, tensor in self._layout.hot.buffers(device).items():
             self.register_buffer(name, tensor, persistent=False)
             self._hot_names.append(name)
+        self._feature_index = {f: i for i, f in enumerate(self._layout.feature_names)}
+        self._key_orders: Dict[object, torch.Tensor] = {}
+        self.factored_batches = 0  # batches that took the factored path (a count for logs and tests)
 
     # ---- the pipelined steps ------------------------------------------------------------------
     def input_dist(self, ctx: MemRecContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        factored_candidate = self._factored_candidate()
         with torch.no_grad():
             hot = {name: getattr(self, name) for name in self._hot_names}
             kjt, ctx.aux = self._layout.expand(features, self.token_salts, self.weight_salts, hot)
+            if factored_candidate and self._all_ranks_factorable(kjt):
+                offsets = None if self._layout.options.shared_tables else \
+                    self._layout.weight_row_offsets(kjt.keys(), kjt.values().device)
+                ctx.bags = factor_bags(kjt, offsets)
+                kjt = without_weights(kjt)
+                self.factored_batches += 1
         return self.token_ebc.input_dist(ctx, kjt)
 
-    def _weigh(self, dist_input: KJTList) -> KJTList:
+    def _factored_candidate(self) -> bool:
+        """Training a weighted layout on CPU (the same answer on every rank)."""
+        return (self._layout.is_weighted and self._device.type == "cpu" and self.training
+                and torch.is_grad_enabled() and self.weight_table.requires_grad)
+
+    def _all_ranks_factorable(self, kjt: KeyedJaggedTensor) -> bool:
+        local = is_factorable(kjt)
+        if self._env.world_size == 1:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int64, device=kjt.values().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._env.process_group)
+        return bool(flag.item())
+
+    def _weigh(self, ctx: MemRecContext, dist_input: KJTList) -> KJTList:
+        if ctx.bags is not None:  # unweighted lookups; alpha is applied after the output dist
+            return dist_input
         return KJTList([self._layout.weigh(kjt, self.weight_table) for kjt in dist_input])
 
     def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
-        outputs = self.token_ebc.compute(ctx, self._weigh(dist_input))
+        outputs = self.token_ebc.compute(ctx, self._weigh(ctx, dist_input))
         # ties the replicated weight table into every rank's graph *before* the output all-to-all, also on a
         # rank that holds no token shard (its lookup output is empty): the table's gradient is then complete,
         # and DDP all-reduces it, only after that all-to-all's backward on every rank. Tied after it instead,
@@ -151,10 +196,15 @@ class ShardedMemRecEmbeddingBag(
 
     def _add_finish(self, ctx: MemRecContext, awaitable: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
         assert ctx.aux is not None, "input_dist must run before the output dist"
-        awaitable.callbacks.append(partial(self._finish, aux=ctx.aux))
+        awaitable.callbacks.append(partial(self._finish, aux=ctx.aux, bags=ctx.bags))
         return awaitable
 
-    def _finish(self, kt: KeyedTensor, aux: MemRecAux) -> KeyedTensor:
+    def _finish(self, kt: KeyedTensor, aux: MemRecAux, bags: Optional[FactoredBags] = None) -> KeyedTensor:
+        if bags is not None:
+            # alpha gives the weight table its gradient from the outputs
+            order = key_order(kt.keys(), self._feature_index, kt.values().device, self._key_orders)
+            alpha = bag_alpha(bags, self.weight_table, len(kt.keys()), order)
+            kt = with_values(kt, scale_bags(kt.values(), alpha))
         return self._layout.finish(kt, aux, self.weight_table)
 
     # ---- ShardedModule plumbing ---------------------------------------------------------------
