@@ -3,29 +3,33 @@
 A weighted bag whose lookups all carry the *same* weight row g pools to ``z = w[g] * sum_l M[t_l]``: one scalar
 alpha = w[g] times an unweighted bag. With one raw id per bag and kw = 1 (K any) every bag of
 :class:`embeddings.memrec_layout.PerTokenLayout` has that form, and so does any bag whose ids happen to share
-their weight row. For such a batch the token lookup can run *unweighted* and alpha be applied to the pooled
-output, so that the weight gradient comes from the outputs::
+their weight row. For such a batch the weight gradient follows from the pooled outputs::
 
-    dL/dalpha(bag) = <dL/dz(bag), sum_l M[t_l]>          dL/dM[t_l] = alpha(bag) * dL/dz(bag)
+    dL/dalpha(bag) = <dL/dz(bag), sum_l M[t_l]> = <dL/dz(bag), z(bag)> / alpha(bag)
 
-instead of fbgemm's per-lookup weight gradient (``split_embedding_codegen_grad_indice_weights``, a second
-pass over every gathered row that TBE runs whenever a lookup is weighted, even with weights that need no
-gradient). The values and gradients are those of the weighted lookup (same maths, other rounding order).
+so the token lookup can keep its weights (alpha, applied inside the lookup, which also scales the rows'
+gradient) yet skip fbgemm's per-lookup weight gradient (``split_embedding_codegen_grad_indice_weights``, a
+second pass over every gathered row; TBE skips it per feature with ``feature_requires_grad = 0``). The values
+and gradients are those of the weighted lookup with a learned weight (same maths, other rounding order).
 
-- :func:`factor_bags` (data-parallel side, no autograd, parameter free): whether a KJT of (token row, weight
-  row) lookups is factorable, and the weight row of each bag.
-- :func:`scale_bags` (after the output dist): ``alpha * pooled`` in place, with the gradients above.
+Bags with ``|alpha| < TINY_ALPHA`` (an exact 0 included), where ``z / alpha`` loses the row, are looked up with
+weight 1 and scaled after the lookup, keeping their unweighted row for the gradient.
+
+- :func:`is_factorable`, :func:`factor_bags` (data-parallel side, parameter free): whether a KJT of
+  (token row, weight row) lookups factors, and the weight row of each bag.
+- :func:`lookup_weight_table` (model-parallel side): the detached weights the lookups carry.
+- :func:`weight_grad_from_outputs` (after the output dist): ties alpha into the graph with the gradient above.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-#: |alpha| below this keeps the bag's unweighted row for the backward (see :class:`_ScaleBags`).
+#: |alpha| below this is applied after the lookup (its bag keeps the unweighted row for the gradient).
 TINY_ALPHA = 2.0**-40
 
 
@@ -33,7 +37,7 @@ TINY_ALPHA = 2.0**-40
 class FactoredBags:
     """Per bag (feature-major, ``[F * B]``): the stacked-weight-table row of its lookups, and whether it has any."""
 
-    rows: torch.Tensor  # int64 [F * B]; 0 for an empty bag
+    rows: torch.Tensor  # int64 [F * B]; a valid row (unused) for an empty bag
     nonempty: torch.Tensor  # bool [F * B]
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -72,17 +76,11 @@ def factor_bags(kjt: KeyedJaggedTensor, key_row_offsets: Optional[torch.Tensor])
     return FactoredBags(bag_rows, nonempty)
 
 
-def without_weights(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """``kjt`` as an unweighted KJT (same structure and cached per-key metadata)."""
-    return KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=kjt.values(),
-        lengths=kjt.lengths_or_none(),
-        offsets=kjt.offsets_or_none(),
-        stride=kjt.stride(),
-        length_per_key=kjt.length_per_key_or_none(),
-        offset_per_key=kjt.offset_per_key_or_none(),
-    )
+def lookup_weight_table(weight_table: torch.Tensor) -> torch.Tensor:
+    """The weights the factored lookups carry: the table, detached, with every ``|w| < TINY_ALPHA`` set to 1
+    (those bags are scaled after the lookup by :func:`weight_grad_from_outputs`)."""
+    table = weight_table.detach()
+    return torch.where(table.abs() < TINY_ALPHA, torch.ones((), dtype=table.dtype, device=table.device), table)
 
 
 def bag_alpha(bags: FactoredBags, weight_table: torch.Tensor, num_keys: int,
@@ -97,27 +95,31 @@ def bag_alpha(bags: FactoredBags, weight_table: torch.Tensor, num_keys: int,
     return alpha.t()
 
 
-class _ScaleBags(torch.autograd.Function):
-    """``pooled[b, f, :] *= alpha[b, f]`` in place (no [B, F * dim] allocation: on CPU a fresh one costs a
-    page fault per 4 KiB), returning ``pooled``.
+class _WeightGradFromOutputs(torch.autograd.Function):
+    """Forward: ``z`` (the lookup output, [B, F * dim], alpha already applied) unchanged, except the bags with a
+    tiny alpha, looked up with weight 1, which are scaled here in place (few rows; no copy of ``z``).
 
-    Backward: ``grad * alpha`` for the pooled rows and ``<grad, z> / alpha`` for alpha, where ``z`` is the
-    scaled output kept from forward (``z / alpha`` is the unweighted row to ~1 ulp). Bags with
-    ``|alpha| < TINY_ALPHA`` (0 included) keep their unweighted row from before the scaling, so their
-    gradient needs no division."""
+    Backward: ``grad`` passes to the lookup unchanged (the weighted lookup scales the rows' gradient itself),
+    tiny bags' rows times alpha; alpha gets ``<grad, z> / alpha``, tiny bags ``<grad, unweighted row>``."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, pooled: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor,  # type: ignore[override]
                 alpha: torch.Tensor) -> torch.Tensor:
         batch, num_keys = alpha.shape
-        rows = pooled.view(batch * num_keys, -1)
-        tiny = alpha.detach().abs().reshape(-1) < TINY_ALPHA
+        flat_alpha = alpha.detach().reshape(-1)
+        tiny = flat_alpha.abs() < TINY_ALPHA
         tiny_index = tiny.nonzero().squeeze(1) if bool(tiny.any()) else None
-        kept = rows.index_select(0, tiny_index) if tiny_index is not None else None
-        rows.mul_(alpha.detach().reshape(-1, 1))
-        ctx.mark_dirty(pooled)
-        ctx.save_for_backward(pooled, alpha.detach(), kept, tiny_index)
-        return pooled
+        kept = None
+        if tiny_index is not None:
+            rows = z.view(batch * num_keys, -1)
+            kept = rows.index_select(0, tiny_index)
+            rows.index_copy_(0, tiny_index, kept * flat_alpha.index_select(0, tiny_index).unsqueeze(1))
+            ctx.mark_dirty(z)
+            out = z
+        else:
+            out = z.view_as(z)
+        ctx.save_for_backward(out, alpha.detach(), kept, tiny_index)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx,  # type: ignore[override]
@@ -125,36 +127,34 @@ class _ScaleBags(torch.autograd.Function):
         z, alpha, kept, tiny_index = ctx.saved_tensors  # type: ignore[attr-defined]
         batch, num_keys = alpha.shape
         grad_rows = grad.reshape(batch * num_keys, -1)
-        z_rows = z.view(batch * num_keys, -1)
-        grad_pooled = None
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            grad_pooled = (grad_rows * alpha.reshape(-1, 1)).view(z.shape)
+        flat_alpha = alpha.reshape(-1)
+        grad_z = grad
+        if tiny_index is not None and ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            scaled = grad_rows.index_select(0, tiny_index) * flat_alpha.index_select(0, tiny_index).unsqueeze(1)
+            grad_z = grad_rows.index_copy(0, tiny_index, scaled).view(grad.shape)
         grad_alpha = None
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            dots = torch.bmm(grad_rows.unsqueeze(1), z_rows.unsqueeze(2)).view(-1)
-            safe = alpha.reshape(-1)
-            if tiny_index is not None:
-                safe = safe.index_fill(0, tiny_index, 1.0)
-            grad_alpha = dots / safe
-            if tiny_index is not None:
+            dots = torch.bmm(grad_rows.unsqueeze(1), z.reshape(batch * num_keys, -1).unsqueeze(2)).view(-1)
+            if tiny_index is None:
+                grad_alpha = dots / flat_alpha
+            else:
+                grad_alpha = dots / flat_alpha.index_fill(0, tiny_index, 1.0)
                 exact = (grad_rows.index_select(0, tiny_index) * kept).sum(1)
                 grad_alpha = grad_alpha.index_copy(0, tiny_index, exact)
             grad_alpha = grad_alpha.view(batch, num_keys)
-        return grad_pooled, grad_alpha
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha  # type: ignore[attr-defined]
 
 
-def scale_bags(pooled: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``pooled`` ([B, F * dim], contiguous, owned by the caller) scaled per bag by ``alpha`` [B, F], in place."""
-    if pooled.dim() != 2 or alpha.dim() != 2 or pooled.shape[0] != alpha.shape[0] or \
-            pooled.shape[1] % max(1, alpha.shape[1]):
-        raise ValueError(f"scale_bags: pooled {tuple(pooled.shape)} does not fit alpha {tuple(alpha.shape)}")
-    if not pooled.is_contiguous():
-        pooled = pooled.contiguous()
-    return _ScaleBags.apply(pooled, alpha)
+def weight_grad_from_outputs(z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``z`` ([B, F * dim], output of lookups weighted by :func:`lookup_weight_table`, owned by the caller) with
+    ``alpha`` [B, F] tied into the graph; see :class:`_WeightGradFromOutputs`."""
+    if z.dim() != 2 or alpha.dim() != 2 or z.shape[0] != alpha.shape[0] or z.shape[1] % max(1, alpha.shape[1]):
+        raise ValueError(f"weight_grad_from_outputs: output {tuple(z.shape)} does not fit alpha {tuple(alpha.shape)}")
+    return _WeightGradFromOutputs.apply(z, alpha)
 
 
-def key_order(keys: Sequence[str], feature_index: dict, device: torch.device,
-              cache: dict) -> Optional[torch.Tensor]:
+def key_order(keys: Sequence[str], feature_index: Dict[str, int], device: torch.device,
+              cache: Dict[object, torch.Tensor]) -> Optional[torch.Tensor]:
     """Indices (into the feature order) of the output's keys, None when they are already in feature order."""
     index: List[int] = [feature_index[k] for k in keys]
     if index == list(range(len(index))):

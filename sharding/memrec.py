@@ -21,11 +21,10 @@ for them (row_wise, table_wise, data_parallel, ...) is valid: a stock ``Embeddin
 constraints. Nothing here is device specific (CPU/gloo and CUDA/NCCL run the same code).
 
 Factored training path (``embeddings.memrec_factored``): when every bag's lookups share one weight row (one-hot
-data with kw = 1) on every rank, and the lookups run on CPU, ``input_dist`` drops the KJT weights and records the
-weight row of each bag; the token lookup runs unweighted and ``output_dist`` scales each pooled bag by its alpha,
-so the weight gradient comes from the pooled outputs instead of fbgemm's per-lookup weight-gradient kernel.
-Every rank takes the same path (one scalar all-reduce when world size > 1: the input all-to-all must carry the
-same tensors everywhere). Other batches, eval and CUDA keep the weighted lookup.
+data with kw = 1) on every rank, and the lookups run on CPU, ``compute`` weights the lookups with the detached
+alphas and turns off fbgemm's per-lookup weight gradient (``sharding.tbe_weight_grad``), and ``output_dist``
+gives the weight table its gradient from the pooled outputs. Every rank takes the same path (one scalar
+all-reduce when world size > 1). Other batches, eval and CUDA keep the weighted lookup with learned weights.
 """
 
 from __future__ import annotations
@@ -53,13 +52,14 @@ from embeddings.memrec_factored import (
     factor_bags,
     is_factorable,
     key_order,
-    scale_bags,
-    without_weights,
+    lookup_weight_table,
+    weight_grad_from_outputs,
 )
 from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
 from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
+from sharding.tbe_weight_grad import WeightGradSwitch, sharded_ebc_lookups
 
 TOKEN_EBC = "token_ebc"
 
@@ -102,8 +102,11 @@ class ShardedMemRecEmbeddingBag(
     """Sharded form of either MEM-REC granularity (the layout carries the difference).
 
     Parameter names equal the unsharded module's (``token_ebc.embedding_bags.<table>.weight``,
-    ``weight_table``), so state dicts line up.
+    ``weight_table``), so state dicts line up. ``factored_weights = False`` (on the instance, the same on every
+    rank) keeps every batch on the weighted lookup, e.g. to measure one path against the other.
     """
+
+    factored_weights: bool = True
 
     def __init__(
         self,
@@ -147,6 +150,7 @@ class ShardedMemRecEmbeddingBag(
         self._feature_index = {f: i for i, f in enumerate(self._layout.feature_names)}
         self._key_orders: Dict[object, torch.Tensor] = {}
         self.factored_batches = 0  # batches that took the factored path (a count for logs and tests)
+        self._weight_grad_switch = WeightGradSwitch(sharded_ebc_lookups(self.token_ebc))
 
     # ---- the pipelined steps ------------------------------------------------------------------
     def input_dist(self, ctx: MemRecContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
@@ -158,13 +162,12 @@ class ShardedMemRecEmbeddingBag(
                 offsets = None if self._layout.options.shared_tables else \
                     self._layout.weight_row_offsets(kjt.keys(), kjt.values().device)
                 ctx.bags = factor_bags(kjt, offsets)
-                kjt = without_weights(kjt)
                 self.factored_batches += 1
         return self.token_ebc.input_dist(ctx, kjt)
 
     def _factored_candidate(self) -> bool:
         """Training a weighted layout on CPU (the same answer on every rank)."""
-        return (self._layout.is_weighted and self._device.type == "cpu" and self.training
+        return (self.factored_weights and self._layout.is_weighted and self._device.type == "cpu" and self.training
                 and torch.is_grad_enabled() and self.weight_table.requires_grad)
 
     def _all_ranks_factorable(self, kjt: KeyedJaggedTensor) -> bool:
@@ -176,12 +179,17 @@ class ShardedMemRecEmbeddingBag(
         return bool(flag.item())
 
     def _weigh(self, ctx: MemRecContext, dist_input: KJTList) -> KJTList:
-        if ctx.bags is not None:  # unweighted lookups; alpha is applied after the output dist
-            return dist_input
-        return KJTList([self._layout.weigh(kjt, self.weight_table) for kjt in dist_input])
+        # factored: the lookups carry the alphas detached; the weight gradient comes from the outputs
+        table = self.weight_table if ctx.bags is None else lookup_weight_table(self.weight_table)
+        return KJTList([self._layout.weigh(kjt, table) for kjt in dist_input])
 
     def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
-        outputs = self.token_ebc.compute(ctx, self._weigh(ctx, dist_input))
+        weighted = self._weigh(ctx, dist_input)
+        if ctx.bags is None:
+            outputs = self.token_ebc.compute(ctx, weighted)
+        else:
+            with self._weight_grad_switch.without_weight_grad():
+                outputs = self.token_ebc.compute(ctx, weighted)
         # ties the replicated weight table into every rank's graph *before* the output all-to-all, also on a
         # rank that holds no token shard (its lookup output is empty): the table's gradient is then complete,
         # and DDP all-reduces it, only after that all-to-all's backward on every rank. Tied after it instead,
@@ -204,7 +212,7 @@ class ShardedMemRecEmbeddingBag(
             # alpha gives the weight table its gradient from the outputs
             order = key_order(kt.keys(), self._feature_index, kt.values().device, self._key_orders)
             alpha = bag_alpha(bags, self.weight_table, len(kt.keys()), order)
-            kt = with_values(kt, scale_bags(kt.values(), alpha))
+            kt = with_values(kt, weight_grad_from_outputs(kt.values(), alpha))
         return self._layout.finish(kt, aux, self.weight_table)
 
     # ---- ShardedModule plumbing ---------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The factored MEM-REC path's maths on one process: which batches factor, bag rows, and ``scale_bags``' values
-and gradients against the weighted lookup they replace (torch's own weighted EmbeddingBag)."""
+"""The factored MEM-REC path's maths on one process: which batches factor, bag rows, and the lookup weights plus
+``weight_grad_from_outputs`` against the weighted lookup with learned weights they replace (torch's own
+weighted EmbeddingBag), in values and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.memrec_factored import TINY_ALPHA, bag_alpha, factor_bags, is_factorable, key_order, scale_bags
+from embeddings.memrec_factored import (
+    TINY_ALPHA,
+    bag_alpha,
+    factor_bags,
+    is_factorable,
+    key_order,
+    lookup_weight_table,
+    weight_grad_from_outputs,
+)
 
 DIM = 4
 
@@ -44,37 +53,41 @@ def _weighted_reference(table: torch.Tensor, weights: torch.Tensor, lookups: tor
 
 
 @pytest.mark.parametrize("zero_weight", [False, True])
-def test_scale_bags_matches_a_weighted_lookup_in_values_and_gradients(zero_weight: bool) -> None:
-    """z = alpha * (unweighted bag): same output and same gradients for the table rows and the weight table,
-    also for an alpha of exactly 0 (kept unweighted row, no division) and an empty bag."""
+def test_factored_lookup_matches_a_weighted_lookup_in_values_and_gradients(zero_weight: bool) -> None:
+    """Lookups weighted by the detached alphas + the weight gradient from the outputs: same output and same
+    gradients for the table rows and the weight table, also for weights of exactly 0 and TINY_ALPHA / 2 (looked
+    up with weight 1, scaled after) and an empty bag."""
     gen = torch.Generator().manual_seed(0)
     keys, batch = 3, 5
     lengths = torch.randint(0, 3, (keys * batch,), generator=gen)
     lengths[4] = 0
+    lengths[0] = 2
     table = torch.randn(20, DIM, generator=gen, dtype=torch.float64)
     weights = torch.randn(7, 1, generator=gen, dtype=torch.float64)
     if zero_weight:
         weights[2] = 0.0
+        weights[3] = TINY_ALPHA / 2
     bag_row = torch.randint(0, 7, (keys * batch,), generator=gen)
-    bag_row[0] = 2
-    lengths[0] = 2
+    bag_row[0], bag_row[1] = 2, 3
     lookups = torch.randint(0, 20, (int(lengths.sum()),), generator=gen)
     rows = torch.repeat_interleave(bag_row, lengths)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])[:-1]
+
+    def to_output(pooled: torch.Tensor) -> torch.Tensor:  # feature-major bags -> [batch, keys * DIM]
+        return pooled.view(keys, batch, DIM).transpose(0, 1).reshape(batch, keys * DIM)
 
     t1, w1 = table.clone().requires_grad_(), weights.clone().requires_grad_()
-    want = _weighted_reference(t1, w1, lookups, rows, offsets[:-1])  # [keys * batch, DIM], feature-major bags
-    want = want.view(keys, batch, DIM).transpose(0, 1).reshape(batch, keys * DIM)
+    want = to_output(_weighted_reference(t1, w1, lookups, rows, offsets))
     grad = torch.randn(batch, keys * DIM, generator=gen, dtype=torch.float64)
     want.backward(grad)
 
     t2, w2 = table.clone().requires_grad_(), weights.clone().requires_grad_()
     kjt = KeyedJaggedTensor(keys=[f"k{i}" for i in range(keys)], values=lookups, weights=rows.to(torch.float32),
                             lengths=lengths, stride=batch)
-    bags = factor_bags(kjt, None)
-    pooled = F.embedding_bag(lookups, t2, offsets[:-1], mode="sum")
-    pooled = pooled.view(keys, batch, DIM).transpose(0, 1).reshape(batch, keys * DIM)
-    got = scale_bags(pooled, bag_alpha(bags, w2, keys, None))
+    carried = lookup_weight_table(w2).view(-1)[rows]
+    assert not carried.requires_grad
+    z = to_output(F.embedding_bag(lookups, t2, offsets, mode="sum", per_sample_weights=carried))
+    got = weight_grad_from_outputs(z, bag_alpha(factor_bags(kjt, None), w2, keys, None))
     got.backward(grad)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(t2.grad, t1.grad)
@@ -84,12 +97,14 @@ def test_scale_bags_matches_a_weighted_lookup_in_values_and_gradients(zero_weigh
 
 
 def test_tiny_alpha_gradient_is_exact_without_division() -> None:
-    pooled = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    unweighted = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)  # looked up with weight 1
     for alpha_value in (0.0, TINY_ALPHA / 4, -1e-300):
         alpha = torch.tensor([[alpha_value]], dtype=torch.float64, requires_grad=True)
-        out = scale_bags(pooled.clone(), alpha)
+        z = unweighted.clone().requires_grad_()
+        out = weight_grad_from_outputs(z * 1.0, alpha)
+        assert torch.equal(out.detach(), unweighted * alpha_value)
         out.backward(torch.ones_like(out))
-        assert alpha.grad.item() == 10.0
+        assert alpha.grad.item() == 10.0 and torch.equal(z.grad, torch.full_like(z, alpha_value))
 
 
 def test_key_order_maps_output_keys_to_features() -> None:
@@ -100,6 +115,6 @@ def test_key_order_maps_output_keys_to_features() -> None:
     assert order is not None and order.tolist() == [2, 0, 1]
 
 
-def test_scale_bags_rejects_mismatched_shapes() -> None:
+def test_weight_grad_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="does not fit"):
-        scale_bags(torch.zeros(2, 7), torch.zeros(2, 3))
+        weight_grad_from_outputs(torch.zeros(2, 7), torch.zeros(2, 3))

@@ -94,7 +94,9 @@ def _body(rank: int, world: int, option_args: Dict[str, Any], optimizer: str, ze
         ref_optim.step()
         _assert_matches_reference(dmp, reference)
     plan = {n: p.sharding_type for n, p in dmp.plan.plan["sparse"].items()}  # type: ignore[union-attr]
-    return {"factored": factored, "plan": plan}
+    # the switch that turns fbgemm's per-lookup weight gradient off found this rank's TBE kernels
+    kernels = len(dmp.module.sparse._weight_grad_switch.kernels)
+    return {"factored": factored, "plan": plan, "kernels": kernels}
 
 
 CASES = [  # (options, optimizer, zero weights, factored count after each step)
@@ -117,10 +119,11 @@ def test_factored_path_matches_the_weighted_lookup_on_two_ranks() -> None:
     for rank_results in run_multiprocess(_cases_body, world_size=2):
         for (options, optimizer, _, expected), result in zip(CASES, rank_results):
             assert result["factored"] == expected, (options, optimizer, result["factored"])
+            assert result["kernels"] >= 1
             assert all(t == "row_wise" for n, t in result["plan"].items() if n.startswith("memrec_tokens"))
 
 
 def test_factored_path_on_one_rank_with_table_wise_tokens() -> None:
     (result,) = run_multiprocess(_body, world_size=1, args=({"num_token_hashes": 1}, "adagrad", True))
     assert result["factored"] == [1, 2, 3, 4]  # one rank: the multi-hot batch of rank 1 is absent
-    assert result["plan"]["memrec_tokens"] == "table_wise"
+    assert result["plan"]["memrec_tokens"] == "table_wise" and result["kernels"] == 1
