@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--world-size", type=int, required=True)
     pl.add_argument("--local-world-size", type=int, required=True)
     pl.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    pl.add_argument("--costs", choices=("offered", "all", "none"), default="offered",
+                    help="estimated cost of each candidate placement: of tables offered several (default), all, none")
     return p
 
 
@@ -143,7 +145,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from trainer.plan_command import run_plan
 
     config = load_config(args.config, args.overrides)
-    print(run_plan(config, args.world_size, args.local_world_size, args.device))
+    print(run_plan(config, args.world_size, args.local_world_size, args.device, args.costs))
     return 0
 
 

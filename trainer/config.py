@@ -107,8 +107,13 @@ class ShardingConfig:
     device_memory_gb: float = 80.0  # per-rank accelerator memory used when planning for cuda
     host_memory_gb: float = 64.0  # per-rank host memory used when planning for cpu
     reserved_memory_fraction: float = 0.15  # of each rank's memory kept for dense parts and activations
+    # also offer data_parallel (replicated on every rank: no all-to-all, the dense gradient all-reduced) to the
+    # tables the method places row-wise; the planner's cost model picks per table (`compactrec plan` shows both)
+    offer_data_parallel: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.offer_data_parallel, bool):
+            raise TypeError(f"offer_data_parallel must be true or false, got {self.offer_data_parallel!r}")
         try:
             TableConstraint(sharding_types=self.default_sharding_types)
         except ValueError as exc:

@@ -1,12 +1,14 @@
-"""Optimizers: fused sparse optimizers applied in backward to the embedding tables (fbgemm TBE), a
-dense optimizer for everything else (MLPs and replicated, data-parallel tables), combined."""
+"""Optimizers: fused sparse optimizers applied in backward to the embedding tables (fbgemm TBE), the same
+optimizer run densely for embedding tables the plan replicates (data_parallel tables are never fused), and a
+dense optimizer for everything else (MLPs, MEM-REC's weight table), combined."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Tuple, Type
+from typing import Any, Dict, Iterator, List, Set, Tuple, Type
 
 import torch
 from torch import nn
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -53,10 +55,30 @@ def apply_sparse_optimizer(sparse_module: nn.Module, cfg: OptimizerConfig) -> No
         apply_optimizer_in_backward(cls, params, kwargs)
 
 
+def replicated_table_ids(model: nn.Module) -> Set[int]:
+    """ids of the embedding-table parameters a sharded model holds data_parallel (no optimizer in backward)."""
+    ids: Set[int] = set()
+    for module in model.modules():
+        if isinstance(module, ShardedEmbeddingBagCollection):
+            for table in module.embedding_bags.values():
+                weight = getattr(table, "weight", None)
+                if isinstance(weight, nn.Parameter) and weight.numel() and \
+                        not hasattr(weight, "_in_backward_optimizers"):
+                    ids.add(id(weight))
+    return ids
+
+
 def combined_optimizer(model: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
-    """Fused (sharded tables) + dense optimizer over everything not optimised in backward."""
-    dense: Dict[str, Any] = dict(in_backward_optimizer_filter(model.named_parameters()))
+    """Fused (sharded tables) + the sparse optimizer, run densely, over replicated embedding tables (the same update
+    as the fused one: a row without gradient does not move) + the dense optimizer over everything else."""
+    rest: Dict[str, Any] = dict(in_backward_optimizer_filter(model.named_parameters()))
+    replicated_ids = replicated_table_ids(model)
+    tables = {name: p for name, p in rest.items() if id(p) in replicated_ids}
+    dense = {name: p for name, p in rest.items() if id(p) not in replicated_ids}
     parts: List[Any] = [model.fused_optimizer]  # type: ignore[attr-defined]
+    if tables:
+        cls, kwargs = sparse_optimizer(cfg)
+        parts.append(KeyedOptimizerWrapper(tables, lambda params: cls(params, **kwargs)))
     if dense:
         parts.append(KeyedOptimizerWrapper(dense, dense_optimizer_factory(cfg)))
     return CombinedOptimizer(parts)

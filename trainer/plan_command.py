@@ -10,10 +10,14 @@ from trainer.config import Config
 from trainer.datasets import dataset_info
 from trainer.model import TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
 from trainer.optim import apply_sparse_optimizer
-from trainer.planning import format_plan, placements, plan_model
+from trainer.placement_costs import format_costs, placement_costs
+from trainer.planning import format_plan, make_enumerator, placements, plan_model
 
 
-def run_plan(config: Config, world_size: int, local_world_size: int, device: str) -> str:
+def run_plan(config: Config, world_size: int, local_world_size: int, device: str, costs: str = "offered") -> str:
+    """The plan, memory per rank and the estimated cost of the candidate placements: of the tables offered more
+    than one (``costs="offered"``, e.g. with ``sharding.offer_data_parallel``), of every table (``"all"``), or
+    none (``"none"``)."""
     if world_size < 1 or local_world_size < 1 or world_size % local_world_size:
         raise ValueError(f"--world-size {world_size} must be a positive multiple of --local-world-size {local_world_size}")
     info = dataset_info(config, require_data=False)
@@ -24,7 +28,8 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
     apply_sparse_optimizer(arch.module, config.optimizer)
     sharders = arch.spec.sharders(arch.options)
     topo = TopologyInfo(world_size, local_world_size, device)
-    plan = plan_model(config, model, arch, sharders, topo)
+    enumerator = make_enumerator(config, arch, sharders, topo)
+    plan = plan_model(config, model, arch, sharders, topo, enumerator=enumerator)
     rows = placements(plan, model, sharders, world_size)
     mem = memory_report(arch, config.optimizer.sparse)
     nodes = world_size // local_world_size
@@ -32,4 +37,8 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
               f"embeddings.kind={config.embeddings.kind}, {config.model.arch}")
     memline = (f"embedding memory {mem.total_bytes:,} B {mem.versus_full()} (optimizer state "
                f"{mem.optimizer_state_bytes:,} B)")
-    return "\n".join([header, format_plan(rows, world_size), memline])
+    parts = [header, format_plan(rows, world_size), memline]
+    if costs != "none":
+        candidates = placement_costs(enumerator, model, sharders, plan)
+        parts.append(format_costs(candidates, {c.table for c in candidates} if costs == "all" else None))
+    return "\n".join(parts)

@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
@@ -21,6 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from embeddings.types import TopologyInfo
 from trainer.config import Config, ShardingConfig
 from trainer.model import SparseArch
+from trainer.plan_estimators import InlineInputDistEstimator
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
@@ -56,6 +60,8 @@ def constraints(arch: SparseArch, sharders: List[ModuleSharder[nn.Module]], shar
     """Method defaults, then ``sharding.default_sharding_types``, then per-table config overrides."""
     names = shardable_table_names(arch.module, sharders)
     result = dict(arch.spec.default_constraints(arch.module, arch.options, info))
+    if sharding.offer_data_parallel:
+        result = {name: with_data_parallel(c) for name, c in result.items()}
     pooling = _table_pooling_factors(arch)
     for name in names:
         if name in result:
@@ -77,6 +83,20 @@ def constraints(arch: SparseArch, sharders: List[ModuleSharder[nn.Module]], shar
     return result
 
 
+ROW_PLACEMENTS = {ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value, ShardingType.TABLE_WISE.value}
+
+
+def with_data_parallel(constraint: ParameterConstraints) -> ParameterConstraints:
+    """``constraint`` of a table the method places row-wise (fused kernel) with data_parallel (dense kernel) offered
+    too, so that the planner's cost model chooses between them; other constraints unchanged."""
+    types = list(constraint.sharding_types or [])
+    kernels = list(constraint.compute_kernels or [])
+    if not types or not set(types) <= ROW_PLACEMENTS or kernels != [EmbeddingComputeKernel.FUSED.value]:
+        return constraint
+    return dataclasses.replace(constraint, sharding_types=types + [ShardingType.DATA_PARALLEL.value],
+                               compute_kernels=kernels + [EmbeddingComputeKernel.DENSE.value])
+
+
 def _table_pooling_factors(arch: SparseArch) -> Dict[str, float]:
     """Mean ids per sample of each table the module reports, summed over the dataset features it serves."""
     index = {f: i for i, f in enumerate(arch.context.feature_names)}
@@ -85,12 +105,26 @@ def _table_pooling_factors(arch: SparseArch) -> Dict[str, float]:
             for c in configs}
 
 
+def make_enumerator(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
+                    info: TopologyInfo) -> EmbeddingEnumerator:
+    """Candidate placements of every table, priced by TorchRec's perf and storage estimators plus
+    :class:`trainer.plan_estimators.InlineInputDistEstimator` (the planner's cost model; ``trainer.placement_costs``
+    prints what it estimates)."""
+    topo = topology(info, config.sharding)
+    cons = constraints(arch, sharders, config.sharding, info)
+    estimators = [EmbeddingPerfEstimator(topology=topo, constraints=cons),
+                  InlineInputDistEstimator(topology=topo, constraints=cons),
+                  EmbeddingStorageEstimator(topology=topo, constraints=cons)]
+    return EmbeddingEnumerator(topology=topo, batch_size=config.data.batch_size, constraints=cons,
+                               estimator=estimators)
+
+
 def make_planner(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
-                 info: TopologyInfo) -> EmbeddingShardingPlanner:
+                 info: TopologyInfo, enumerator: Optional[EmbeddingEnumerator] = None) -> EmbeddingShardingPlanner:
     return EmbeddingShardingPlanner(
         topology=topology(info, config.sharding),
         batch_size=config.data.batch_size,
-        constraints=constraints(arch, sharders, config.sharding, info),
+        enumerator=enumerator or make_enumerator(config, arch, sharders, info),
         # reserve a fixed share of each rank's memory for dense parameters, activations and buffers
         storage_reservation=FixedPercentageStorageReservation(config.sharding.reserved_memory_fraction),
         debug=True,
@@ -98,9 +132,10 @@ def make_planner(config: Config, arch: SparseArch, sharders: List[ModuleSharder[
 
 
 def plan_model(config: Config, model: nn.Module, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
-               info: TopologyInfo, pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+               info: TopologyInfo, pg: Optional[dist.ProcessGroup] = None,
+               enumerator: Optional[EmbeddingEnumerator] = None) -> ShardingPlan:
     """Plan ``model``; with a process group every rank agrees on rank 0's plan."""
-    planner = make_planner(config, arch, sharders, info)
+    planner = make_planner(config, arch, sharders, info, enumerator)
     if pg is not None:
         return planner.collective_plan(model, sharders, pg)
     return planner.plan(model, sharders)
