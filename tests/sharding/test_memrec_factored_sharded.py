@@ -2,8 +2,9 @@
 from the pooled outputs) against the unsharded module's weighted lookup, after several optimizer steps.
 
 One-hot batches with empty bags, K = 1 or 2 and kw = 1, shared or per-feature tables, SUM or MEAN, SGD or Adagrad,
-world size 2 (token tables row_wise) and 1 (table_wise); a step where one rank's batch is multi-hot (every rank
-then takes the weighted path); a weight of exactly 0 (its gradient needs the kept unweighted row).
+world size 2 (token tables row_wise) and 1 (table_wise); hot rows (a hot id is one lookup of its own row and
+weight); a step where one rank's batch is multi-hot (every rank then takes the weighted path); weights of exactly 0
+(their gradient needs the kept unweighted row).
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.memrec import MemRecOptions, default_constraints, sharders
-from embeddings.types import TopologyInfo
+from embeddings.id_counts import FrequencyCounter, IdCounts
+from embeddings.memrec import MemRecOptions, build, default_constraints, sharders
+from embeddings.types import SparseArchContext, TopologyInfo
 from tests.dist_utils import run_multiprocess
 from tests.sharding.test_memrec_sharded import (
     BATCH,
+    DIM,
     FEATURES,
     OPTIMIZERS,
     _assert_matches_reference,
-    _build,
     _copy_into_shards,
+    _Model,
 )
 
 STEPS = 4
@@ -51,6 +54,25 @@ def _one_hot_batch(step: int, rank: int, multi_hot: bool) -> Batch:
     return Batch(dense_features=torch.zeros(BATCH, 1), sparse_features=kjt, labels=labels)
 
 
+def _counts() -> IdCounts:
+    """Counts of the ids the steps train on: the repeated small ids become hot."""
+    counter = FrequencyCounter(len(FEATURES))
+    for step in range(STEPS):
+        for rank in range(2):
+            kjt = _one_hot_batch(step, rank, False).sparse_features
+            for f, name in enumerate(FEATURES):
+                counter.add(f, kjt[name].values().numpy())
+    return counter.result(FEATURES)
+
+
+def _build(options: MemRecOptions, hot: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ctx = SparseArchContext(feature_names=FEATURES, num_embeddings_per_feature=[1000] * 3, embedding_dim=DIM,
+                            device=torch.device("cpu"), pooling_factors=[0.5] * 3, id_counts=_counts() if hot else None)
+    sparse = build(ctx, options)
+    return _Model(sparse, [name for c in sparse.embedding_bag_configs() for name in c.feature_names])
+
+
 def _shard(model: torch.nn.Module, options: MemRecOptions, optimizer: str, world: int) -> Any:
     cls, kwargs = OPTIMIZERS[optimizer]
     apply_optimizer_in_backward(cls, model.sparse.token_ebc.parameters(), dict(kwargs))
@@ -67,8 +89,12 @@ def _shard(model: torch.nn.Module, options: MemRecOptions, optimizer: str, world
 
 
 def _body(rank: int, world: int, option_args: Dict[str, Any], optimizer: str, zero_weight: bool) -> Dict[str, Any]:
-    options = MemRecOptions(num_token_rows=30, num_weight_rows=7, seed=5, **option_args)
-    model, _ = _build(options, seed=0)
+    hot = "hot_share" in option_args
+    sizes = {} if hot else {"num_token_rows": 30, "num_weight_rows": 7}
+    options = MemRecOptions(seed=5, **sizes, **option_args)
+    model = _build(options, hot)
+    if hot:
+        assert model.sparse.layout.hot.total >= 3
     if zero_weight:
         with torch.no_grad():
             model.sparse.weight_table[: model.sparse.weight_table.shape[0] // 2] = 0.0
@@ -105,6 +131,7 @@ CASES = [  # (options, optimizer, zero weights, factored count after each step)
     ({"num_token_hashes": 2, "num_weight_hashes": 1, "shared_tables": False, "pooling": "mean"}, "sgd", False,
      [1, 2, 2, 3]),
     ({"num_token_hashes": 2, "num_weight_hashes": 1, "pooling": "mean"}, "adagrad", False, [1, 2, 2, 3]),
+    ({"budget": 0.05, "hot_share": 0.4, "hot_min_count": 2}, "adagrad", True, [1, 2, 2, 3]),  # hot rows
     # kw = 2: an id's lookups carry two weight rows, so no batch factors (the weighted lookup stays)
     ({"num_token_hashes": 1, "num_weight_hashes": 2}, "sgd", False, [0, 0, 0, 0]),
 ]
