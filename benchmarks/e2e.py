@@ -17,9 +17,13 @@ For every method config (``configs/default.yaml`` = full tables, ``configs/<meth
    the run's own training batches (rank 0's shard of the first ``--transform-batches``). Share = that median
    / the step time (global batch / samples_per_s).
 
-``<method>_fused`` variants add ``embeddings.options.hash_backend=fused`` (see ``embeddings.fused_hash``).
+``<method>_fused`` variants add ``embeddings.options.hash_backend=fused`` (see ``embeddings.fused_hash``);
+``<method>+offer`` adds ``sharding.offer_data_parallel=true`` (the planner picks row-wise or replicated tables by its
+cost model). Each run records the placement the planner gave every table (``metrics.json``). Results are written
+after every run; ``--resume`` keeps the runs already in ``--out``.json and runs the rest.
 
     PYTHONPATH=. .venv/bin/python benchmarks/e2e.py --steps 200 --out benchmarks/results/e2e
+    PYTHONPATH=. .venv/bin/python benchmarks/e2e.py --kaggle-sizes --rounds 3 --methods full,memrec_fused,memrec_fused+offer
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from proc_memory import RssPoller
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"full": "configs/default.yaml", "memrec": "configs/memrec_small.yaml", "lma": "configs/lma_small.yaml",
@@ -43,84 +48,34 @@ CONFIGS = {"full": "configs/default.yaml", "memrec": "configs/memrec_small.yaml"
 FUSED = "_fused"
 
 
-def _children(pid: int) -> List[int]:
-    out: List[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _status_kib(pid: int, key: str) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rank_of(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"RANK="):
-                    return int(item[5:])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-class RssPoller(threading.Thread):
-    """Largest VmHWM seen per rank (processes with RANK= in their environment) under ``root``."""
-
-    def __init__(self, root: int, period: float) -> None:
-        super().__init__(daemon=True)
-        self.root, self.period = root, period
-        self.peak_kib: Dict[int, int] = {}
-        self.anon_kib: Dict[int, int] = {}
-        self.pids: Dict[int, int] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            todo, seen = [self.root], set()
-            while todo:
-                pid = todo.pop()
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                rank = _rank_of(pid) if pid != self.root else None
-                if rank is not None:
-                    hwm = _status_kib(pid, "VmHWM")
-                    anon = _status_kib(pid, "RssAnon")
-                    if hwm is not None:
-                        self.peak_kib[rank] = max(self.peak_kib.get(rank, 0), hwm)
-                        self.pids[rank] = pid
-                    if anon is not None:
-                        self.anon_kib[rank] = max(self.anon_kib.get(rank, 0), anon)
-                todo += _children(pid)
-            self.stop.wait(self.period)
-
-
 EXTRA: List[str] = []  # --override values, appended to every run's overrides
+MODIFIERS = {  # <method>[+modifier...]: overrides of that variant
+    "offer": ["sharding.offer_data_parallel=true"],  # the planner chooses row-wise or replicated by its cost model
+}
+
+
+def parse_method(method: str) -> Tuple[str, List[str]]:
+    """(config base name, extra overrides) of ``<method>[_fused][+modifier...]``; errors name the bad part."""
+    name, *mods = method.split("+")
+    base = name[: -len(FUSED)] if name.endswith(FUSED) else name
+    if base not in CONFIGS:
+        raise ValueError(f"method {method!r}: unknown base {base!r} (known: {', '.join(CONFIGS)})")
+    extra = ["embeddings.options.hash_backend=fused"] if name.endswith(FUSED) else []
+    for mod in mods:
+        if mod not in MODIFIERS:
+            raise ValueError(f"method {method!r}: unknown modifier {mod!r} (known: {', '.join(MODIFIERS)})")
+        extra += MODIFIERS[mod]
+    return base, extra
 
 
 def overrides_for(method: str, run_dir: Path, steps: int) -> List[str]:
-    out = [*EXTRA, f"training.max_steps={steps}", "training.evals_per_epoch=0", "training.final_test=false",
-           "training.progress_bar=false", "training.mlperf_log=false", f"training.run_dir={run_dir}"]
-    if method.endswith(FUSED):
-        out.append("embeddings.options.hash_backend=fused")
-    return out
+    return [*EXTRA, f"training.max_steps={steps}", "training.evals_per_epoch=0", "training.final_test=false",
+            "training.progress_bar=false", "training.mlperf_log=false", f"training.run_dir={run_dir}",
+            *parse_method(method)[1]]
 
 
 def run_training(method: str, args: argparse.Namespace) -> Dict[str, Any]:
-    base = method[: -len(FUSED)] if method.endswith(FUSED) else method
+    base = parse_method(method)[0]
     run_dir = Path(args.runs_root) / method
     if run_dir.exists():
         import shutil
@@ -150,7 +105,8 @@ def run_training(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rec.update(samples_per_s=metrics["samples_per_s"], steps=metrics["steps"], global_batch=metrics["global_batch"],
                train_seconds=metrics["train_seconds"], memory_bytes=metrics["memory"]["total_bytes"],
-               compression=metrics["memory"].get("compression_ratio"), val_auc=metrics["val"]["auc"])
+               compression=metrics["memory"].get("compression_ratio"), val_auc=metrics["val"]["auc"],
+               placement=metrics.get("placement", {}))
     rec["step_ms"] = 1e3 * metrics["global_batch"] / metrics["samples_per_s"]
     return rec
 
@@ -163,7 +119,7 @@ def time_transform(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     from trainer.ids import reduce_ids
     from trainer.model import build_sparse_arch, sparse_context
 
-    base = method[: -len(FUSED)] if method.endswith(FUSED) else method
+    base = parse_method(method)[0]
     config = load_config(REPO / CONFIGS[base], overrides_for(method, Path(args.runs_root) / "unused", args.steps))
     info = dataset_info(config)
     ctx = sparse_context(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"),
@@ -202,6 +158,18 @@ def time_transform(method: str, args: argparse.Namespace) -> Dict[str, Any]:
             "transform_p90_ms": times[(9 * len(times)) // 10], "ids_per_batch": int(kjts[0].values().numel())}
 
 
+def placement(tables: Dict[str, str]) -> str:
+    """``table: type/kernel`` of the tables the planner placed (MEM-REC's weight table, always replicated, left
+    out), or the number of tables per placement when there are more than three."""
+    placed = {t: p for t, p in sorted(tables.items()) if not t.endswith("_weights")}
+    if len(placed) <= 3:
+        return "; ".join(f"{t}: {p}" for t, p in placed.items()) or "-"
+    counts: Dict[str, int] = {}
+    for p in placed.values():
+        counts[p] = counts.get(p, 0) + 1
+    return "; ".join(f"{n} x {p}" for p, n in sorted(counts.items()))
+
+
 def markdown(results: Dict[str, Any]) -> str:
     lines = [f"# End-to-end training, {results['nproc']} ranks (gloo, CPU) ({results['date_utc']})", "",
              f"Machine: {results['machine']}. Load average at start {results['loadavg_start']}, at end "
@@ -209,21 +177,24 @@ def markdown(results: Dict[str, Any]) -> str:
              f"{results['runs'][0].get('global_batch')} (configs/*_small.yaml on data/synthetic-small)."
              + (f" Every method with: `{' '.join(results.get('extra_overrides', []))}`." if results.get("extra_overrides")
                 else ""), "",
-             "| method | memory (x smaller) | samples/s | step ms | x full | peak RSS rank 0 / 1 (MiB) | peak anon RSS "
-             "rank 0 / 1 (MiB) | id transform ms (share of step) | load start / end |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | placement | memory (x smaller) | samples/s (median round) [all rounds] | step ms | x full | "
+             "peak RSS rank 0 / 1 (MiB) | peak anon RSS rank 0 / 1 (MiB) | id transform ms (share of step) | "
+             "load start / end |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     full = next((r for r in results["runs"] if r["method"] == "full" and "samples_per_s" in r), None)
     for r in results["runs"]:
         if "samples_per_s" not in r:
-            lines.append(f"| {r['method']} | failed (rc {r['rc']}) | | | | | | | |")
+            lines.append(f"| {r['method']} | | failed (rc {r['rc']}) | | | | | | | |")
             continue
         rss = " / ".join(f"{v:,.0f}" for v in r["peak_rss_mib_per_rank"].values())
         anon = " / ".join(f"{v:,.0f}" for v in r.get("peak_anon_mib_per_rank", {}).values()) or "-"
         ratio = r["samples_per_s"] / full["samples_per_s"] if full else float("nan")
         share = r.get("transform_ms", float("nan")) / r["step_ms"]
+        rounds = ", ".join(f"{v / 1e3:.1f}k" for v in r.get("samples_per_s_all_rounds", [r["samples_per_s"]]))
         lines.append(
-            f"| {r['method']} | {r['memory_bytes'] / 2**20:,.2f} MiB ({r['compression'] or 1:,.1f}x) | "
-            f"{r['samples_per_s']:,.0f} | {r['step_ms']:.1f} | {ratio:.2f} | {rss} | {anon} | "
+            f"| {r['method']} | {placement(r.get('placement', {}))} | "
+            f"{r['memory_bytes'] / 2**20:,.2f} MiB ({r['compression'] or 1:,.1f}x) | "
+            f"{r['samples_per_s']:,.0f} [{rounds}] | {r['step_ms']:.1f} | {ratio:.2f} | {rss} | {anon} | "
             f"{r.get('transform_ms', float('nan')):.2f} [{r.get('transform_p10_ms', float('nan')):.2f}, "
             f"{r.get('transform_p90_ms', float('nan')):.2f}] ({100 * share:.1f}%) | "
             f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f} |")
@@ -243,6 +214,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/e2e")
     p.add_argument("--override", action="append", default=[],
                    help="section.key=value added to every method's config (repeatable), e.g. Kaggle table sizes")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (method, round) runs already in --out.json (same settings) and run the rest")
     p.add_argument("--kaggle-sizes", action="store_true",
                    help="every method at the Criteo Kaggle table sizes (configs/criteo_kaggle.yaml; 33.8M rows)")
     return p.parse_args(argv)
@@ -260,14 +233,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         EXTRA.append(f"embeddings.num_embeddings_per_feature={sizes}")
     Path(args.runs_root).mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    results: Dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": args.nproc,
-                               "steps": args.steps, "args": vars(args), "extra_overrides": list(EXTRA), "loadavg_start": os.getloadavg(),
-                               "machine": f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}, "
-                                          f"torch {torch.__version__}", "runs": [], "rounds": []}
-    per_round: List[List[Dict[str, Any]]] = []
+    for method in methods:
+        parse_method(method)  # every name checked before the first run
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = _previous(args, out) or {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": args.nproc, "steps": args.steps,
+        "args": vars(args), "extra_overrides": list(EXTRA), "loadavg_start": os.getloadavg(),
+        "machine": f"{os.cpu_count()} logical CPUs, {platform.processor() or platform.machine()}, "
+                   f"torch {torch.__version__}", "runs": [], "rounds": [[] for _ in range(args.rounds)]}
     for rnd in range(args.rounds):
-        runs = []
         for method in methods:
+            if any(r["method"] == method for r in results["rounds"][rnd]):
+                continue  # --resume: done in an earlier invocation
             rec = run_training(method, args)
             if rec["rc"] == 0:
                 rec.update(time_transform(method, args))
@@ -275,25 +253,47 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(json.dumps({k: v for k, v in rec.items() if k not in ("error", "command")}), flush=True)
             if rec["rc"] != 0:
                 print(rec["error"], file=sys.stderr)
-            runs.append(rec)
-        per_round.append(runs)
-    results["rounds"] = per_round
-    # one row per method: the round with the median samples/s
+            results["rounds"][rnd].append(rec)
+            _summarise(results, methods)
+            _write(results, out)
+    print(markdown(results))
+
+
+def _previous(args: argparse.Namespace, out: Path) -> Optional[Dict[str, Any]]:
+    """The results so far under ``--resume`` (same steps, rounds, ranks and overrides), else None."""
+    path = out.with_suffix(".json")
+    if not args.resume or not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    for key in ("steps", "rounds", "nproc", "override", "kaggle_sizes"):
+        if previous["args"].get(key) != vars(args).get(key):
+            raise ValueError(f"--resume: {path} was run with {key}={previous['args'].get(key)!r}, not "
+                             f"{vars(args).get(key)!r}")
+    return previous
+
+
+def _summarise(results: Dict[str, Any], methods: List[str]) -> None:
+    """One row per method: the round with the median samples/s (all rounds' values kept beside it)."""
+    results["runs"] = []
     for method in methods:
-        recs = sorted((r for rr in per_round for r in rr if r["method"] == method and "samples_per_s" in r),
+        recs = sorted((r for rr in results["rounds"] for r in rr if r["method"] == method and "samples_per_s" in r),
                       key=lambda r: r["samples_per_s"])
         if recs:
             best = dict(recs[len(recs) // 2])
             best["samples_per_s_all_rounds"] = [r["samples_per_s"] for r in recs]
             results["runs"].append(best)
         else:
-            results["runs"].append(next(r for rr in per_round for r in rr if r["method"] == method))
+            failed = [r for rr in results["rounds"] for r in rr if r["method"] == method]
+            if failed:
+                results["runs"].append(failed[0])
     results["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _write(results: Dict[str, Any], out: Path) -> None:
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(out.with_suffix(".json"))
     out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
 
 
 if __name__ == "__main__":

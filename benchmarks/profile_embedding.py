@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from embedding_stage import TB_ROWS, build_dmp, make_kjt, method_options, scaled_rows, touch
+from bench_common import touch
+from embedding_stage import TB_ROWS, make_kjt, scaled_rows
+from stage_methods import build_dmp, method_options
 from embeddings.types import SparseArchContext
 
 
@@ -55,7 +57,7 @@ def main() -> None:
     report = {"args": vars(args), "profiles": {}, "loadavg_at_start": os.getloadavg()}
     for method in args.methods.split(","):
         kind, opts = method_options(method, "tb", args.dim, None)
-        dmp, _, _ = build_dmp(kind, opts, ctx, lr=0.01)
+        dmp = build_dmp(method, opts, ctx, lr=0.01, kind=kind).dmp
         touch(dmp)
         if args.no_ddp:
             dmp = dmp.module

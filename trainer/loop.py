@@ -293,6 +293,9 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         "global_batch": global_batch,
         "learning_rates": {"sparse": optim_cfg.sparse_lr, "dense": optim_cfg.dense_lr},
         "embeddings": config.embeddings.kind,
+        # table -> "sharding_type/compute_kernel" the planner chose
+        "placement": {table: f"{ps.sharding_type}/{ps.compute_kernel}" for module_plan in model.plan.plan.values()
+                      for table, ps in module_plan.items()},  # type: ignore[union-attr]
         "memory": mem.as_dict(),
         "val": evals[-1],
         "evals": evals,

@@ -34,7 +34,12 @@ CASES = {
                                                   "optimizer.sparse=rowwise_adagrad", "optimizer.sparse_lr=0.1",
                                                   "sharding.default_sharding_types=[row_wise]"]),
     "memrec": ("memrec_small.yaml", ["embeddings.options.num_token_rows=2000"]),
+    # the token table replicated: dense kernel, the sparse optimizer run densely, DDP all-reduce
+    "memrec-replicated": ("memrec_small.yaml", ["embeddings.options.num_token_rows=2000",
+                                                "sharding.tables={memrec_tokens: {sharding_types: [data_parallel], "
+                                                "compute_kernels: [dense]}}"]),
 }
+PLACEMENT = {"memrec": "row_wise/fused", "memrec-replicated": "data_parallel/dense"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -61,3 +66,6 @@ def test_two_ranks_learn_and_agree(case: str, learnable_dataset: Path, tmp_path:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["auc"] == val["auc"] and metrics["embeddings"] == load_config(REPO / "configs" / preset).embeddings.kind
     assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+    if case in PLACEMENT:
+        assert metrics["placement"]["memrec_tokens"] == PLACEMENT[case]
+        assert metrics["placement"]["memrec_weights"] == "data_parallel/dense"
