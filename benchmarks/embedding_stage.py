@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from trainer.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMPARED_ARGS = ("shapes", "tb_scale", "tb_dim", "kaggle_scale", "kaggle_dim", "methods", "dists", "batch_sizes",
-                 "repeats", "warmup", "distinct_batches", "lr", "interleave", "no_ddp", "threads")
+                 "repeats", "warmup", "distinct_batches", "lr", "interleave", "no_ddp", "threads", "count_ids")
 
 
 def preset_rows(preset: str) -> List[int]:
@@ -83,6 +84,18 @@ def make_kjt(rng: np.random.Generator, names: Sequence[str], rows: Sequence[int]
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(names), values=torch.from_numpy(values),
         lengths=torch.ones(len(names) * batch, dtype=torch.int32))
+
+
+def id_counts(names: Sequence[str], rows: Sequence[int], dist_name: str, per_feature: int) -> Any:
+    """Id frequencies of ``per_feature`` ids per feature drawn from the benchmark's id law (another seed than the
+    timed batches): what ``compactrec prepare`` would count on training data of that law, for hot rows."""
+    from embeddings.id_counts import FrequencyCounter
+
+    rng = np.random.default_rng(7)
+    counter = FrequencyCounter(len(names))
+    for f, n in enumerate(rows):
+        counter.add(f, sample_ids(rng, n, per_feature, dist_name))
+    return counter.result(list(names))
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -169,6 +182,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             rng = np.random.default_rng(123)
             batches = {b: [make_kjt(rng, names, rows, b, dist_name) for _ in range(args.distinct_batches)]
                        for b in args.batch_sizes}
+            if any("+hot" in m for m in args.methods):
+                ctx = dataclasses.replace(ctx, id_counts=id_counts(names, rows, dist_name, args.count_ids))
             built: Dict[str, Tuple[Built, str, Dict[str, Any], float, int]] = {}
             for method in args.methods:
                 kind, opts = method_options(method, shape, dim, lma_index)
@@ -243,6 +258,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, < 1 minute")
     p.add_argument("--plot-from", default=None, help="only redraw --plot from this results JSON")
     p.add_argument("--plot", default=None, help="write the speedup plot here (e.g. docs/img/embedding_speedup.png)")
+    p.add_argument("--count-ids", type=int, default=200_000,
+                   help="ids per feature counted for +hot variants (hot rows = each feature's most frequent)")
     p.add_argument("--resume", action="store_true",
                    help="keep the (shape, ids, batch) cells already in --out.json (same arguments) and run the rest")
     args = p.parse_args(argv)

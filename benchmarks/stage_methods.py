@@ -8,6 +8,9 @@ A variant is ``<method>[+<modifier>...]``:
 - ``+rowwise``: the inner tables row_wise even on one rank (the placement before issue 13; the default is now
   table_wise on a single rank, where row-wise only adds bucketization and a reduce-scatter).
 - ``+dp``: the inner tables data_parallel on the dense kernel (replicated; dense gradient, dense update).
+- ``+b100``: sized by one byte budget of 1/100 of the full tables (``budget: 0.01``) instead of the fixed sizes.
+- ``+hot``: half of that budget on hot rows (``hot_share: 0.5``; exact rows for each feature's most frequent
+  ids, counted on a separate sample of the benchmark's own id law); needs ``+b100``.
 
 Every variant gets the trainer's fused sparse optimizer (SGD in the benchmark) and is wrapped by TorchRec's
 ``DistributedModelParallel`` (world size 1, gloo, CPU) with the method's sharders and constraints. Parameters not
@@ -36,7 +39,8 @@ from trainer.optim import apply_sparse_optimizer
 from trainer.strict import from_dict
 
 FUSED_SUFFIX = "_fused"
-MODIFIERS = ("weighted", "rowwise", "dp")
+MODIFIERS = ("weighted", "rowwise", "dp", "b100", "hot")
+SIZE_OPTIONS = ("num_token_rows", "num_weight_rows", "memory_fraction", "num_rows", "num_collisions")
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,25 @@ def base_method(method: str) -> str:
 
 
 def method_options(method: str, shape: str, dim: int, lma_index: Optional[str]) -> Tuple[str, Dict[str, Any]]:
-    """(registry kind, options dict) of a method (modifiers ignored); ``<method>_fused`` adds ``hash_backend: fused``."""
-    method = parse_variant(method).method
+    """(registry kind, options dict) of a variant; ``<method>_fused`` adds ``hash_backend: fused``, ``+b100`` and
+    ``+hot`` replace the size options by a byte budget (with hot rows)."""
+    variant = parse_variant(method)
+    kind, opts = _method_options(variant.method, shape, dim, lma_index)
+    if "hot" in variant.modifiers and "b100" not in variant.modifiers:
+        raise ValueError(f"method {method!r}: +hot needs +b100 (hot rows are a share of the byte budget)")
+    if "b100" in variant.modifiers:
+        if kind == "full":
+            raise ValueError(f"method {method!r}: full has no budget")
+        opts = {k: v for k, v in opts.items() if k not in SIZE_OPTIONS}
+        opts["budget"] = 0.01
+        if "hot" in variant.modifiers:
+            opts["hot_share"] = 0.5
+    return kind, opts
+
+
+def _method_options(method: str, shape: str, dim: int, lma_index: Optional[str]) -> Tuple[str, Dict[str, Any]]:
     if method.endswith(FUSED_SUFFIX):
-        kind, opts = method_options(method[: -len(FUSED_SUFFIX)], shape, dim, lma_index)
+        kind, opts = _method_options(method[: -len(FUSED_SUFFIX)], shape, dim, lma_index)
         if kind == "full":
             raise ValueError("full has no id hashing (no _fused variant)")
         return kind, {**opts, "hash_backend": "fused"}

@@ -14,6 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings.memrec_factored import (
     TINY_ALPHA,
     bag_alpha,
+    bag_dots,
     factor_bags,
     is_factorable,
     key_order,
@@ -118,3 +119,15 @@ def test_key_order_maps_output_keys_to_features() -> None:
 def test_weight_grad_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         weight_grad_from_outputs(torch.zeros(2, 7), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 3000])
+def test_bag_dots_equal_plain_dot_products_for_strided_inputs(batch: int) -> None:
+    """Chunked through a small buffer (chunks of DOT_CHUNK_ROWS // F samples), on a column slice like the
+    gradient of one part of a concatenated output."""
+    gen = torch.Generator().manual_seed(batch)
+    wide = torch.randn(batch, 5 * DIM + 3, generator=gen)
+    a = wide[:, 3:].reshape(batch, 5, DIM)  # a strided view, not contiguous
+    b = torch.randn(batch, 5, DIM, generator=gen)
+    assert batch == 1 or not a.is_contiguous()
+    torch.testing.assert_close(bag_dots(a, b), (a * b).sum(2))
