@@ -19,7 +19,7 @@ For every method config (``configs/default.yaml`` = full tables, ``configs/<meth
 
 ``<method>_fused`` variants add ``embeddings.options.hash_backend=fused`` (see ``embeddings.fused_hash``);
 ``<method>+offer`` adds ``sharding.offer_data_parallel=true`` (the planner picks row-wise or replicated tables by its
-cost model). Each run records the placement the planner gave every table (``metrics.json``). Results are written
+cost model); ``memrec...+dp`` forces MEM-REC's token table data_parallel. Each run records the placement the planner gave every table (``metrics.json``). Results are written
 after every run; ``--resume`` keeps the runs already in ``--out``.json and runs the rest.
 
     PYTHONPATH=. .venv/bin/python benchmarks/e2e.py --steps 200 --out benchmarks/results/e2e
@@ -51,6 +51,7 @@ FUSED = "_fused"
 EXTRA: List[str] = []  # --override values, appended to every run's overrides
 MODIFIERS = {  # <method>[+modifier...]: overrides of that variant
     "offer": ["sharding.offer_data_parallel=true"],  # the planner chooses row-wise or replicated by its cost model
+    "dp": ["sharding.tables={memrec_tokens: {sharding_types: [data_parallel], compute_kernels: [dense]}}"],  # memrec
 }
 
 
