@@ -118,7 +118,8 @@ class _WeightGradFromOutputs(torch.autograd.Function):
             out = z
         else:
             out = z.view_as(z)
-        ctx.save_for_backward(out, alpha.detach(), kept, tiny_index)
+        # None entries are allowed (torch saves them as None)
+        ctx.save_for_backward(out, alpha.detach(), kept, tiny_index)  # type: ignore[arg-type]
         return out
 
     @staticmethod

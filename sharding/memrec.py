@@ -29,9 +29,10 @@ all-reduce when world size > 1). Other batches, eval and CUDA keep the weighted 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Type
+from typing import ContextManager, Dict, Iterator, List, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -183,13 +184,14 @@ class ShardedMemRecEmbeddingBag(
         table = self.weight_table if ctx.bags is None else lookup_weight_table(self.weight_table)
         return KJTList([self._layout.weigh(kjt, table) for kjt in dist_input])
 
+    def _lookup_scope(self, ctx: MemRecContext) -> ContextManager[None]:
+        """Where the TBE lookups run: factored batches without fbgemm's per-lookup weight gradient."""
+        return self._weight_grad_switch.without_weight_grad() if ctx.bags is not None else contextlib.nullcontext()
+
     def compute(self, ctx: MemRecContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted = self._weigh(ctx, dist_input)
-        if ctx.bags is None:
+        with self._lookup_scope(ctx):
             outputs = self.token_ebc.compute(ctx, weighted)
-        else:
-            with self._weight_grad_switch.without_weight_grad():
-                outputs = self.token_ebc.compute(ctx, weighted)
         # ties the replicated weight table into every rank's graph *before* the output all-to-all, also on a
         # rank that holds no token shard (its lookup output is empty): the table's gradient is then complete,
         # and DDP all-reduces it, only after that all-to-all's backward on every rank. Tied after it instead,

@@ -34,7 +34,8 @@ class WeightGradSwitch:
             kernel.forward = self._wrap(kernel, kernel.forward)  # type: ignore[method-assign]
 
     def _wrap(self, kernel: nn.Module, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        num_features = int(kernel.D_offsets.numel()) - 1  # type: ignore[union-attr]
+        d_offsets = kernel.get_buffer("D_offsets")  # [features + 1] of both TBE kinds
+        num_features = int(d_offsets.numel()) - 1
 
         def wrapped(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Any = None,
                     *args: Any, **kwargs: Any) -> torch.Tensor:
