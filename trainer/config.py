@@ -110,6 +110,9 @@ class ShardingConfig:
     # also offer data_parallel (replicated on every rank: no all-to-all, the dense gradient all-reduced) to the
     # tables the method places row-wise; the planner's cost model picks per table (`compactrec plan` shows both)
     offer_data_parallel: bool = False
+    # GB/s of every collective between CPU ranks (gloo) in the planner's cost model; 0.6-2.4 measured for 2 ranks
+    # here (benchmarks/gloo_bandwidth.py); TorchRec's defaults are GPU figures (600 GiB/s all-to-all)
+    cpu_comms_gbps: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.offer_data_parallel, bool):
@@ -120,6 +123,9 @@ class ShardingConfig:
             raise ValueError(f"default_sharding_types: {exc}") from exc
         if not 0.0 <= self.reserved_memory_fraction < 1.0:
             raise ValueError(f"reserved_memory_fraction must be in [0, 1), got {self.reserved_memory_fraction}")
+        if isinstance(self.cpu_comms_gbps, bool) or not isinstance(self.cpu_comms_gbps, (int, float)) or \
+                self.cpu_comms_gbps <= 0:
+            raise ValueError(f"cpu_comms_gbps must be a positive number, got {self.cpu_comms_gbps!r}")
         if self.device_memory_gb <= 0 or self.host_memory_gb <= 0:
             raise ValueError("device_memory_gb and host_memory_gb must be positive")
 

@@ -10,7 +10,7 @@ compute and communication, the sum over ranks the proposers compare, and storage
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Set
 
 from torch import nn
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -70,14 +70,12 @@ def placement_costs(enumerator: EmbeddingEnumerator, model: nn.Module, sharders:
     return costs
 
 
-def format_costs(costs: List[PlacementCost], tables: Optional[Set[str]] = None) -> str:
-    """One line per candidate of ``tables`` (default: tables with more than one candidate); ``*`` = planned."""
-    counts: Dict[str, int] = {}
-    for c in costs:
-        counts[c.table] = counts.get(c.table, 0) + 1
-    shown = [c for c in costs if (c.table in tables if tables is not None else counts[c.table] > 1)]
+def format_costs(costs: List[PlacementCost], tables: Set[str]) -> str:
+    """One line per candidate placement of ``tables``; ``*`` = planned."""
+    shown = [c for c in costs if c.table in tables]
     if not shown:
-        return "estimated cost: every table had one candidate placement (its constraint); `--costs all` lists them"
+        return ("estimated cost: no table was offered several sharding types (e.g. sharding.offer_data_parallel); "
+                "`--costs all` lists every candidate")
     lines = ["estimated cost per candidate placement (TorchRec's estimators as the planner ran them; ms per step, "
              "slowest rank: fwd compute + fwd comms + bwd compute + bwd comms; * = planned)",
              f"  {'table':<28} {'sharding':<15} {'kernel':<6} {'fwd':>8} {'fwd comm':>9} {'bwd':>8} "

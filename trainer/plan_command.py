@@ -3,21 +3,25 @@ print placement and memory per rank. Works for clusters far larger than this mac
 
 from __future__ import annotations
 
+from typing import List, Set
+
 import torch
+from torch import nn
+from torchrec.distributed.types import ModuleSharder
 
 from embeddings.types import TopologyInfo
 from trainer.config import Config
 from trainer.datasets import dataset_info
-from trainer.model import TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
+from trainer.model import SparseArch, TrainModel, build_dlrm, build_sparse_arch, memory_report, sparse_context
 from trainer.optim import apply_sparse_optimizer
 from trainer.placement_costs import format_costs, placement_costs
-from trainer.planning import format_plan, make_enumerator, placements, plan_model
+from trainer.planning import constraints, format_plan, make_enumerator, placements, plan_model
 
 
 def run_plan(config: Config, world_size: int, local_world_size: int, device: str, costs: str = "offered") -> str:
-    """The plan, memory per rank and the estimated cost of the candidate placements: of the tables offered more
-    than one (``costs="offered"``, e.g. with ``sharding.offer_data_parallel``), of every table (``"all"``), or
-    none (``"none"``)."""
+    """The plan, memory per rank and the estimated cost of the candidate placements: of the tables whose
+    constraints offer several sharding types (``costs="offered"``, e.g. with ``sharding.offer_data_parallel``), of
+    every table (``"all"``), or none (``"none"``)."""
     if world_size < 1 or local_world_size < 1 or world_size % local_world_size:
         raise ValueError(f"--world-size {world_size} must be a positive multiple of --local-world-size {local_world_size}")
     info = dataset_info(config, require_data=False)
@@ -40,5 +44,13 @@ def run_plan(config: Config, world_size: int, local_world_size: int, device: str
     parts = [header, format_plan(rows, world_size), memline]
     if costs != "none":
         candidates = placement_costs(enumerator, model, sharders, plan)
-        parts.append(format_costs(candidates, {c.table for c in candidates} if costs == "all" else None))
+        parts.append(format_costs(candidates, {c.table for c in candidates} if costs == "all"
+                                  else offered_tables(config, arch, sharders, topo)))
     return "\n".join(parts)
+
+
+def offered_tables(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
+                   topo: TopologyInfo) -> Set[str]:
+    """Tables whose constraints offer the planner several sharding types (e.g. ``sharding.offer_data_parallel``)."""
+    return {name for name, c in constraints(arch, sharders, config.sharding, topo).items()
+            if c.sharding_types and len(c.sharding_types) > 1}

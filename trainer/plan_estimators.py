@@ -1,5 +1,13 @@
 """Extensions of TorchRec's placement cost model where it does not know our modules or our runtime.
 
+Communication on CPU. TorchRec's default bandwidths describe GPU hosts: all-to-all, reduce-scatter and all-gather
+inside a host at 600 GiB/s (NVLink), an all-reduce at the NIC's 25 GiB/s times the local world size. Between CPU
+ranks every collective goes through gloo, measured at 0.6-2.4 GB/s for 2 ranks on this machine
+(``benchmarks/gloo_bandwidth.py``), all-reduce and all-to-all alike. With the GPU figures a row-wise table's
+all-to-alls look nearly free and a replicated table's all-reduce 24x dearer than they are on CPU.
+:class:`HostCommsBandwidths` gives every collective one bandwidth inside a host and one across hosts
+(``sharding.cpu_comms_gbps``), used for CPU topologies.
+
 TorchRec's ``EmbeddingPerfEstimator`` prices the input all-to-all of every sharded table (``Perf.input_dist_comms``)
 but leaves it out of ``Perf.total``, the figure the planner compares: on CUDA, ``TrainPipelineSparseDist`` overlaps
 the next batch's input dist with this batch's compute. Two things change that for us:
@@ -19,7 +27,14 @@ import dataclasses
 from typing import Any, Dict, List, Optional
 
 from torchrec.distributed.planner.constants import BIGINT_DTYPE
-from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
+from torchrec.distributed.planner.types import (
+    CollectiveType,
+    GeneralizedCommsBandwidth,
+    ParameterConstraints,
+    ShardEstimator,
+    ShardingOption,
+    Topology,
+)
 from torchrec.distributed.types import ShardingType
 
 WEIGHT_BYTES = 4  # float32 per-lookup weight in a weighted KJT
@@ -51,3 +66,28 @@ class InlineInputDistEstimator(ShardEstimator):
                 extra = shard.perf.input_dist_comms * factor
                 shard.perf = dataclasses.replace(shard.perf, fwd_comms=shard.perf.fwd_comms + extra,
                                                  input_dist_comms=extra)
+
+
+class HostCommsBandwidths(GeneralizedCommsBandwidth):
+    """Every collective at ``intra_gbps`` inside a host and ``inter_gbps`` across hosts (GB/s), the all-reduce
+    included (TorchRec's ``BasicCommsBandwidths`` sends it through one NIC per GPU)."""
+
+    def __init__(self, intra_gbps: float, inter_gbps: float) -> None:
+        if intra_gbps <= 0 or inter_gbps <= 0:
+            raise ValueError(f"bandwidths must be positive, got intra {intra_gbps} and inter {inter_gbps} GB/s")
+        self._intra = intra_gbps * 1e6  # TorchRec's unit: bytes per ms
+        self._inter = inter_gbps * 1e6
+
+    @property
+    def intra_host_bw(self) -> float:
+        return self._intra
+
+    @property
+    def inter_host_bw(self) -> float:
+        return self._inter
+
+    def get_bw(self, local_world_size: int, world_size: int, collective_type: CollectiveType) -> float:
+        return self._intra if world_size <= local_world_size else self._inter
+
+    def __str__(self) -> str:
+        return f"HostCommsBandwidths: intra_host_bw={self._intra}, inter_host_bw={self._inter} (bytes/ms)"

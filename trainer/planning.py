@@ -24,7 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from embeddings.types import TopologyInfo
 from trainer.config import Config, ShardingConfig
 from trainer.model import SparseArch
-from trainer.plan_estimators import InlineInputDistEstimator
+from trainer.plan_estimators import HostCommsBandwidths, InlineInputDistEstimator
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
@@ -33,15 +33,18 @@ REPLICATED = "replicated"
 
 
 def topology(info: TopologyInfo, sharding: ShardingConfig) -> Topology:
-    """TorchRec topology: on cuda the per-rank HBM is the budget, on cpu the host memory."""
+    """TorchRec topology: on cuda the per-rank HBM is the budget, on cpu the host memory and gloo's bandwidth."""
     trainer = TrainerConfig(
         world_size=info.world_size,
         local_world_size=info.local_world_size,
         hbm_cap_bytes=int(sharding.device_memory_gb * GIB) if info.compute_device == "cuda" else None,
         ddr_cap_bytes=int(sharding.host_memory_gb * GIB),
     )
-    return TopologyFactory.create_topology(trainer_config=trainer,
-                                           kernel_config=KernelConfig(compute_device=info.compute_device))
+    comms = None
+    if info.compute_device == "cpu":  # gloo: every collective at the same, measured, bandwidth
+        comms = HostCommsBandwidths(sharding.cpu_comms_gbps, sharding.cpu_comms_gbps)
+    kernel = KernelConfig(compute_device=info.compute_device, generalized_comms_bandwidths=comms)
+    return TopologyFactory.create_topology(trainer_config=trainer, kernel_config=kernel)
 
 
 def shardable_table_names(module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> List[str]:

@@ -1,6 +1,7 @@
 """``sharding.offer_data_parallel``: the planner chooses between row-wise and replicated token tables by its cost
-model, and ``compactrec plan`` prints both candidates' estimated costs with the chosen one marked; our estimator
-extension adds the input all-to-all (with MEM-REC's per-lookup weights) on CPU topologies only."""
+model, and ``compactrec plan`` prints both candidates' estimated costs with the chosen one marked; our extensions
+on CPU topologies: gloo's bandwidth for every collective, and the input all-to-all (with MEM-REC's per-lookup
+weights) counted."""
 
 from __future__ import annotations
 
@@ -35,9 +36,14 @@ def _cost_lines(out: str) -> Dict[str, Tuple[bool, List[str]]]:
     return lines
 
 
+CPU2 = ["--world-size", "2", "--local-world-size", "2", "--device", "cpu"]
+BIG_TOKENS = "embeddings.options.num_token_rows=20000000"  # 9.5 GiB: its all-reduce outweighs the all-to-alls
+
+
 @pytest.mark.parametrize("args,planned,other", [
     (["--world-size", "128", "--local-world-size", "8", "--device", "cuda"], "data_parallel", "table_row_wise"),
-    (["--world-size", "2", "--local-world-size", "2", "--device", "cpu"], "row_wise", "data_parallel"),
+    (CPU2, "data_parallel", "row_wise"),
+    ([*CPU2, BIG_TOKENS], "row_wise", "data_parallel"),
 ])
 def test_plan_shows_both_placements_and_the_cheaper_one_is_planned(capsys: pytest.CaptureFixture, args: List[str],
                                                                    planned: str, other: str) -> None:
@@ -56,7 +62,7 @@ def test_without_the_option_token_tables_stay_row_wise(capsys: pytest.CaptureFix
     assert main(["plan", MEMREC_TB, "--world-size", "128", "--local-world-size", "8", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("memrec_tokens ")] == ["table_row_wise"]
-    assert "every table had one candidate placement" in out and not _cost_lines(out)
+    assert "no table was offered several sharding types" in out and not _cost_lines(out)
 
 
 def test_only_row_placed_fused_tables_are_offered_data_parallel() -> None:
@@ -100,3 +106,24 @@ def test_input_dist_counts_on_cpu_with_lookup_weights_and_not_on_cuda() -> None:
     assert ours["data_parallel"] == plain["data_parallel"]
     ours, plain = _token_perfs("cuda")
     assert ours == plain  # on CUDA the pipeline overlaps the input dist: TorchRec's model as it is
+
+
+def test_cpu_topologies_price_every_collective_at_gloo_bandwidth() -> None:
+    """Doubling ``sharding.cpu_comms_gbps`` cuts both candidates' communication estimates on CPU: the row-wise one's
+    about in half, the replicated one's less (TorchRec books the dense update, priced at memory bandwidth, under
+    backward communication too)."""
+    def comms(gbps: float) -> Dict[str, float]:
+        config = load_config(MEMREC_TB, [OFFER, f"sharding.cpu_comms_gbps={gbps}"])
+        info = dataset_info(config, require_data=False)
+        arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
+                                                        torch.device("meta")))
+        model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
+        apply_sparse_optimizer(arch.module, config.optimizer)
+        sharders = arch.spec.sharders(arch.options)
+        enumerator = make_enumerator(config, arch, sharders, TopologyInfo(2, 2, "cpu"))
+        return {o.sharding_type: o.shards[0].perf.fwd_comms + o.shards[0].perf.bwd_comms  # type: ignore[union-attr]
+                for o in enumerator.enumerate(model, sharders) if o.name == "memrec_tokens"}
+
+    slow, fast = comms(1.0), comms(2.0)
+    assert slow["row_wise"] / 2 <= fast["row_wise"] < 0.55 * slow["row_wise"]
+    assert slow["data_parallel"] / 2 <= fast["data_parallel"] < 0.7 * slow["data_parallel"]
