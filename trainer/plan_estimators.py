@@ -24,6 +24,7 @@ each non-data-parallel candidate (ids, plus 4 bytes per lookup for weighted tabl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, List, Optional
 
 from torchrec.distributed.planner.constants import BIGINT_DTYPE
@@ -70,7 +71,7 @@ class InlineInputDistEstimator(ShardEstimator):
 
 class HostCommsBandwidths(GeneralizedCommsBandwidth):
     """Every collective at ``intra_gbps`` inside a host and ``inter_gbps`` across hosts (GB/s), the all-reduce
-    included (TorchRec's ``BasicCommsBandwidths`` sends it through one NIC per GPU)."""
+    included (TorchRec's ``BasicCommsBandwidths`` sends it through one NIC per GPU); free on a single rank."""
 
     def __init__(self, intra_gbps: float, inter_gbps: float) -> None:
         if intra_gbps <= 0 or inter_gbps <= 0:
@@ -87,6 +88,8 @@ class HostCommsBandwidths(GeneralizedCommsBandwidth):
         return self._inter
 
     def get_bw(self, local_world_size: int, world_size: int, collective_type: CollectiveType) -> float:
+        if world_size <= 1:
+            return math.inf  # one rank: nothing is sent (TorchRec would price its "collectives" all the same)
         return self._intra if world_size <= local_world_size else self._inter
 
     def __str__(self) -> str:
