@@ -96,8 +96,8 @@ def bag_alpha(bags: FactoredBags, weight_table: torch.Tensor, num_keys: int,
 
 
 class _WeightGradFromOutputs(torch.autograd.Function):
-    """Forward: ``z`` (the lookup output, [B, F * dim], alpha already applied) unchanged, except the bags with a
-    tiny alpha, looked up with weight 1, which are scaled here in place (few rows; no copy of ``z``).
+    """Forward: ``z`` (the lookup output, [B, F * dim], alpha already applied) unchanged (no copy), except the bags
+    with a tiny alpha, looked up with weight 1, which are scaled here (then on a copy: rare).
 
     Backward: ``grad`` passes to the lookup unchanged (the weighted lookup scales the rows' gradient itself),
     tiny bags' rows times alpha; alpha gets ``<grad, z> / alpha``, tiny bags ``<grad, unweighted row>``."""
@@ -110,12 +110,11 @@ class _WeightGradFromOutputs(torch.autograd.Function):
         tiny = flat_alpha.abs() < TINY_ALPHA
         tiny_index = tiny.nonzero().squeeze(1) if bool(tiny.any()) else None
         kept = None
-        if tiny_index is not None:
-            rows = z.view(batch * num_keys, -1)
+        if tiny_index is not None:  # rare (a weight of ~0): a copy, z may be a view another Function made
+            rows = z.reshape(batch * num_keys, -1)
             kept = rows.index_select(0, tiny_index)
-            rows.index_copy_(0, tiny_index, kept * flat_alpha.index_select(0, tiny_index).unsqueeze(1))
-            ctx.mark_dirty(z)
-            out = z
+            out = rows.index_copy(0, tiny_index, kept * flat_alpha.index_select(0, tiny_index).unsqueeze(1))
+            out = out.view(z.shape)
         else:
             out = z.view_as(z)
         # None entries are allowed (torch saves them as None)
@@ -167,7 +166,7 @@ def bag_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def weight_grad_from_outputs(z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``z`` ([B, F * dim], output of lookups weighted by :func:`lookup_weight_table`, owned by the caller) with
+    """``z`` ([B, F * dim], output of lookups weighted by :func:`lookup_weight_table`; not modified) with
     ``alpha`` [B, F] tied into the graph; see :class:`_WeightGradFromOutputs`."""
     if z.dim() != 2 or alpha.dim() != 2 or z.shape[0] != alpha.shape[0] or z.shape[1] % max(1, alpha.shape[1]):
         raise ValueError(f"weight_grad_from_outputs: output {tuple(z.shape)} does not fit alpha {tuple(alpha.shape)}")

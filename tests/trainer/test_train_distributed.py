@@ -67,5 +67,4 @@ def test_two_ranks_learn_and_agree(case: str, learnable_dataset: Path, tmp_path:
     assert metrics["val"]["auc"] == val["auc"] and metrics["embeddings"] == load_config(REPO / "configs" / preset).embeddings.kind
     assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
     if case in PLACEMENT:
-        assert metrics["placement"]["memrec_tokens"] == PLACEMENT[case]
-        assert metrics["placement"]["memrec_weights"] == "data_parallel/dense"
+        assert metrics["placement"] == {"memrec_tokens": PLACEMENT[case]}  # the weight table is never planned
