@@ -34,12 +34,8 @@ CASES = {
                                                   "optimizer.sparse=rowwise_adagrad", "optimizer.sparse_lr=0.1",
                                                   "sharding.default_sharding_types=[row_wise]"]),
     "memrec": ("memrec_small.yaml", ["embeddings.options.num_token_rows=2000"]),
-    # the token table replicated: dense kernel, the sparse optimizer run densely, DDP all-reduce
-    "memrec-replicated": ("memrec_small.yaml", ["embeddings.options.num_token_rows=2000",
-                                                "sharding.tables={memrec_tokens: {sharding_types: [data_parallel], "
-                                                "compute_kernels: [dense]}}"]),
 }
-PLACEMENT = {"memrec": "row_wise/fused", "memrec-replicated": "data_parallel/dense"}
+PLACEMENT = {"memrec": "row_wise/fused"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
