@@ -184,7 +184,7 @@ def test_out_of_range_values_name_section_key_and_file(preset: Path, tmp_path: P
     raises(child(tmp_path, preset, {"sharding": {"tables": {"t_cat_0": {"compute_kernels": ["quantum"]}}}}),
            "sharding.tables.t_cat_0", "quantum")
     raises(child(tmp_path, preset, {"data": {"num_embeddings_per_feature": [5] * 26},
-                                    "embeddings": {"num_embeddings_per_feature": [6] * 26}}),
+                                    "embeddings": {"num_embeddings_per_feature": [6] * 26, "table_sizes": "auto"}}),
            "data.num_embeddings_per_feature differs from embeddings.num_embeddings_per_feature")
 
 
