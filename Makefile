@@ -9,11 +9,11 @@ CONFIG ?= configs/default.yaml
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup setup-gpu train compare test bench-setup bench typecheck clean
+.PHONY: setup setup-gpu train compare test bench-setup bench typecheck lint clean
 
 setup: $(VENV)/.installed-cpu
 
-$(VENV)/.installed-cpu: requirements/cpu.txt requirements/common.txt requirements/dev.txt setup.cfg
+$(VENV)/.installed-cpu: requirements/cpu.txt requirements/common.txt requirements/dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps $(TORCHREC)
@@ -24,7 +24,7 @@ $(VENV)/.installed-cpu: requirements/cpu.txt requirements/common.txt requirement
 # GPU nodes: CUDA torch + fbgemm-gpu into the same .venv (replaces the CPU build).
 setup-gpu: $(VENV)/.installed-gpu
 
-$(VENV)/.installed-gpu: requirements/gpu.txt requirements/common.txt requirements/dev.txt setup.cfg
+$(VENV)/.installed-gpu: requirements/gpu.txt requirements/common.txt requirements/dev.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip uninstall -q -y fbgemm-gpu-cpu || true
 	$(PY) -m pip install -q -r requirements/gpu.txt -r requirements/dev.txt
@@ -48,8 +48,10 @@ compare: setup
 		PATH=$(abspath $(BIN)):$$PATH $(BIN)/compactrec train $$c --nproc $(NPROC) $(ARGS) || exit 1; done
 	$(BIN)/compactrec compare $(foreach c,$(COMPARE_CONFIGS),runs/$(basename $(notdir $(c))))
 
-# The whole test suite. pytest's exit code 5 (no tests collected) is a failure here, said plainly.
-test: setup
+# The whole test suite, after the linter (ruff, pyproject.toml) and the type check (mypy with
+# check_untyped_defs on the library packages, setup.cfg). pytest's exit code 5 (no tests collected) is a failure
+# here, said plainly.
+test: setup lint typecheck
 	@PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest tests -q -ra --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - treating as failure"; exit 1; fi; \
 	exit $$rc
@@ -63,6 +65,9 @@ bench: bench-setup
 
 typecheck: setup
 	$(BIN)/mypy
+
+lint: setup
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -63,7 +63,7 @@ def main() -> None:
         for form, kw in forms.items():
             rec = {"threads": threads, "form": form}
             for backend in ("torch", "fused"):
-                rec[backend] = timed(lambda: salted_hash(values, feature, salts, backend=backend, **kw), args.repeats)
+                rec[backend] = timed(lambda b=backend, k=kw: salted_hash(values, feature, salts, backend=b, **k), args.repeats)
             assert torch.equal(salted_hash(values, feature, salts, backend="torch", **kw),
                                salted_hash(values, feature, salts, backend="fused", **kw))
             rec["speedup"] = rec["torch"]["median_ms"] / rec["fused"]["median_ms"]

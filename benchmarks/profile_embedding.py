@@ -16,6 +16,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ def main() -> None:
         if args.no_ddp:
             dmp = dmp.module
         for phase in ("fwd", "train"):
-            def step(i: int) -> None:
+            def step(i: int, phase: str = phase, dmp: Any = dmp) -> None:
                 if phase == "fwd":
                     with torch.no_grad():
                         dmp(kjts[i])

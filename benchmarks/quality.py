@@ -183,7 +183,7 @@ def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for (ds, method, budget, hot, epochs, tag), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
 
-        def stats(field: str) -> Tuple[float, float]:
+        def stats(field: str, rs: List[Dict[str, Any]] = rs) -> Tuple[float, float]:
             vals = [r[field] for r in rs]
             return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")
 

@@ -25,7 +25,7 @@ for n in [int(x) for x in a.rows.split(",")]:
     off = torch.arange(a.ids + 1, dtype=torch.int64)
     g = torch.randn(a.ids, a.dim)
     f, t = [], []
-    for i in range(a.repeats + 1):
+    for _ in range(a.repeats + 1):
         s = time.perf_counter()
         with torch.no_grad():
             tbe(idx, off)

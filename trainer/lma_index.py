@@ -158,15 +158,16 @@ def build_index_from_batches(batches: Iterable[KeyedJaggedTensor], num_rows: int
         raise ValueError(f"the data ended after {offset} rows, before sampled row {int(sample[-1])} of {num_rows} "
                          "(did a file change while it was read?)")
     if by_values:
-        keys, rows, feats = np.concatenate(pairs, axis=1) if pairs else np.empty((3, 0), np.int64)
-        distinct = np.array([np.unique(keys[feats == f]).size for f in range(len(features))])
+        all_pairs = np.concatenate(pairs, axis=1) if pairs else np.empty((3, 0), np.int64)
+        pair_keys, rows, feats = all_pairs[0], all_pairs[1], all_pairs[2]
+        distinct = np.array([np.unique(pair_keys[feats == f]).size for f in range(len(features))])
         context = distinct >= options.context_min_values
         if int(context.sum()) < 2:
             raise ValueError(f"semantic_set 'values' needs at least 2 context features with >= "
                              f"{options.context_min_values} distinct values in the sample, found {int(context.sum())} "
                              f"({dict(zip(features, distinct.tolist()))}); lower embeddings.options.context_min_values")
-        accumulator.add_signatures(keys, context_signatures(keys, rows, feats, count, len(features), functions,
-                                                            options.seed, context), feats)
+        accumulator.add_signatures(pair_keys, context_signatures(pair_keys, rows, feats, count, len(features),
+                                                                 functions, options.seed, context), feats)
     signatures = accumulator.result()
     keep_values = signatures.counts >= options.min_count
     header = IndexHeader(

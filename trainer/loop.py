@@ -143,6 +143,15 @@ def _train_steps(config: Config, ctx: DistContext) -> tuple[int, int]:
     return budget.steps_per_epoch, budget.total
 
 
+def id_transform(arch: SparseArch, info: DatasetInfo) -> Callable[[Batch], Batch]:
+    """The data path's id handling: ``id mod rows`` for a method taking table ids ("table"), else none."""
+    if arch.ids != "table":
+        return lambda batch: batch
+    if info.num_embeddings_per_feature is None:  # a "table" method is built from the sizes: unreachable
+        raise ValueError(f"embeddings.kind={arch.spec.name} reduces ids mod its table sizes, which are unknown")
+    return reduce_ids_into_tables(info.num_embeddings_per_feature)
+
+
 def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     """Train and evaluate as configured; returns the metrics written to ``metrics.json`` on rank 0.
 
@@ -163,7 +172,7 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
     optimizer = combined_optimizer(model, optim_cfg)
     pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device, execute_all_batches=True)
     mem = memory_report(arch, config.optimizer.sparse)
-    transform = reduce_ids_into_tables(info.num_embeddings_per_feature) if arch.ids == "table" else (lambda b: b)
+    transform = id_transform(arch, info)
     steps_per_epoch, total = _train_steps(config, ctx)
     reporter = Reporter(config, ctx, run_dir, total, mem)
     if ctx.is_main:
@@ -179,7 +188,8 @@ def run_training(config: Config, ctx: DistContext) -> Dict[str, Any]:
         checkpoint.save_checkpoint(run_dir, model, optimizer, position, config, ctx, keep)
         loaded = True
     first_step = position.step
-    state = _LoopState(step=position.step, evals=position.evals, skipped=[tuple(b) for b in position.skipped],
+    state = _LoopState(step=position.step, evals=position.evals,
+                       skipped=[(int(b[0]), int(b[1])) for b in position.skipped],
                        saved_at=position.step if loaded else -1)
     start = time.perf_counter()
 

@@ -3,8 +3,6 @@ unchanged by hot rows, and ``full`` over a vocabulary equal to a plain Embedding
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -15,7 +13,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
-from embeddings.chunked import RemappedEmbeddingBagCollection
 from embeddings.hashing_trick import HashLayout, HashOptions
 from embeddings.hot_rows import HotSet
 from embeddings.id_counts import FrequencyCounter, IdCounts

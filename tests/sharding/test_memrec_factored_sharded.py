@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List
 
-import pytest
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
