@@ -1,241 +1,168 @@
-"""Optional fused CPU kernel for the salted id hash of ``embeddings.hashing`` (``hash_backend: fused``).
+"""The salted id hash of ``embeddings.hashing`` as a registered torch operator, ``compactrec::salted_hash``.
 
 The torch path hashes ids in about ten int64 elementwise passes (``^``, shifts, masks, ``*``, ``remainder``,
-``where``), each allocating a new tensor. This module does the same maths in one pass of plain C over the
-ids, bit for bit::
+``where``), each allocating a new tensor. The operator does the same maths in one pass over the ids, bit for
+bit::
 
+    salted_hash(values [N], feature [N] or None, salts [F, H], mods None | [1] | [F]) -> [N, H] int64
     out[i, j] = mix64(values[i] ^ salts[feature[i], j])                  (mods is None)
     out[i, j] = unsigned(mix64(values[i] ^ salts[feature[i], j])) % m     (m = mods[0] or mods[feature[i]])
 
-which is ``unsigned_mod(mix64(values[:, None] ^ salts[feature]), m)`` / ``unsigned_mod_rows`` of the torch
-path (see ``embeddings.hashing``). The modulus is exact (a 128-bit multiply-high estimate of the quotient
-followed by two branch-free corrections, no hardware divide).
+i.e. ``unsigned_mod(mix64(values[:, None] ^ salts[feature]), m)`` of ``embeddings.hashing``.
 
-The C source is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into a
-per-user cache (``$COMPACTREC_KERNEL_CACHE``, default ``~/.cache/compactrec/kernels``; the file name carries a
-hash of the source and flags, written through an atomic rename so concurrent ranks are safe) and loaded with
-``ctypes`` - no torch headers, so it builds in about a second. It is an *accelerated path only*:
-:func:`salted_hash` returns ``None`` whenever the kernel cannot be used - no compiler or a failed build
-(logged once, as a warning), tensors not on the CPU (CUDA: logged once; the torch path runs there), meta
-tensors (planning) - and the caller then runs the torch path. ``COMPACTREC_FUSED_HASH=0`` disables it.
+Kernels of the operator:
 
-The kernel is single-threaded for small inputs and splits large ones over ``torch.get_num_threads()``
-threads (the work is independent per id; ``ctypes`` releases the GIL during each call).
+- CPU: C++ (``embeddings/csrc/salted_hash.cpp``, ``TORCH_LIBRARY``), compiled with torch's C++-extension
+  tooling (``torch.utils.cpp_extension``, ninja) at first use into a per-user cache
+  (``$COMPACTREC_KERNEL_CACHE``, default ``~/.cache/compactrec/kernels``; the directory name carries a hash of
+  the source, the flags and the torch version; torch's build lock makes concurrent ranks safe), split over
+  torch's intra-op threads (``at::parallel_for``).
+- every other device (CUDA), and CPU when the C++ kernel cannot be built (no compiler or ninja, a failed
+  build; logged once as a warning) or ``COMPACTREC_FUSED_HASH=0``: the torch ops of ``embeddings.hashing``,
+  registered for the same operator, so a model that calls it runs (and scripts, and exports) anywhere.
+- fake (meta) kernel: shapes only, for ``torch.export`` and planning on ``meta``.
+
+:func:`ensure_op` registers the operator once per process; a scripted or exported model that calls
+``torch.ops.compactrec.salted_hash`` needs it called before loading (``trainer.inference.load`` does).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from embeddings.hashing import MAX_BUCKETS, mix64
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "fused")
-
-_SOURCE = r"""
-#include <stdint.h>
-
-static inline uint64_t mix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
-/* x mod n for 1 <= n: q = mulhi(x, floor((2^64 - 1) / n)) underestimates floor(x / n) by at most 2, so
-   r = x - q n is in [0, 3n); two branch-free corrections (the branch would be unpredictable). */
-static inline uint64_t umod(uint64_t x, uint64_t n, uint64_t inv) {
-    uint64_t q = (uint64_t)(((unsigned __int128)x * inv) >> 64);
-    uint64_t r = x - q * n;
-    r -= (r >= n) ? n : 0;
-    r -= (r >= n) ? n : 0;
-    return r;
-}
-
-/* values [n]; feature [n] or NULL (all feature 0); salts [num_features, h]; mods NULL (no reduction),
-   or [1] (mod_per_feature = 0) or [num_features] (mod_per_feature = 1); out [n, h]. Rows begin..end. */
-void compactrec_salted_hash(const int64_t *values, const int64_t *feature, const int64_t *salts, int64_t h,
-                            const int64_t *mods, const uint64_t *invs, int64_t mod_per_feature,
-                            int64_t begin, int64_t end, int64_t *out) {
-    if (!mods) {
-        for (int64_t i = begin; i < end; ++i) {
-            const uint64_t x = (uint64_t)values[i];
-            const int64_t *s = salts + (feature ? feature[i] : 0) * h;
-            for (int64_t j = 0; j < h; ++j) out[i * h + j] = (int64_t)mix64(x ^ (uint64_t)s[j]);
-        }
-    } else if (!mod_per_feature) {
-        const uint64_t n = (uint64_t)mods[0], inv = invs[0];
-        for (int64_t i = begin; i < end; ++i) {
-            const uint64_t x = (uint64_t)values[i];
-            const int64_t *s = salts + (feature ? feature[i] : 0) * h;
-            for (int64_t j = 0; j < h; ++j) out[i * h + j] = (int64_t)umod(mix64(x ^ (uint64_t)s[j]), n, inv);
-        }
-    } else {
-        for (int64_t i = begin; i < end; ++i) {
-            const int64_t f = feature ? feature[i] : 0;
-            const uint64_t x = (uint64_t)values[i], n = (uint64_t)mods[f], inv = invs[f];
-            const int64_t *s = salts + f * h;
-            for (int64_t j = 0; j < h; ++j) out[i * h + j] = (int64_t)umod(mix64(x ^ (uint64_t)s[j]), n, inv);
-        }
-    }
-}
-"""
-_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
-_PARALLEL_MIN_IDS = 1 << 15  # below this, one thread (thread hand-off costs ~20-50 us)
+OP_NAMESPACE = "compactrec"
+OP_NAME = "salted_hash"
+SCHEMA = "salted_hash(Tensor values, Tensor? feature, Tensor salts, Tensor? mods=None) -> Tensor"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "salted_hash.cpp"
+_CFLAGS = ["-O3"]
 
 _lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_load_failed = False
+_state: Dict[str, object] = {}  # "native": bool once registered; "libs": torch.library.Library objects kept alive
 _warned_devices: set = set()
-_pool: Optional[ThreadPoolExecutor] = None
-
-
-def _compiler() -> Optional[str]:
-    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    return None
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COMPACTREC_KERNEL_CACHE") or Path.home() / ".cache" / "compactrec" / "kernels")
 
 
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
-    tag = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cc).encode()).hexdigest()[:16]
-    directory = cache_dir()
+def _build_native() -> None:
+    """Compile (or reuse the cached build of) the C++ operator and load it; raises when it cannot."""
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_text()
+    tag = hashlib.sha256("\n".join([source, " ".join(_CFLAGS), torch.__version__]).encode()).hexdigest()[:12]
+    directory = cache_dir() / f"salted_hash_{tag}"
     directory.mkdir(parents=True, exist_ok=True)
-    lib_path = directory / f"compactrec_hash_{tag}.so"
-    if not lib_path.exists():
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            src = Path(tmp) / "hash.c"
-            src.write_text(_SOURCE)
-            out = Path(tmp) / "hash.so"
-            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
-            os.replace(out, lib_path)  # atomic: a concurrent rank sees the old state or the whole file
-    lib = ctypes.CDLL(str(lib_path))
-    fn = lib.compactrec_salted_hash
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
+    saved_path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:  # the pip package (requirements/common.txt) when no system ninja is on PATH
+        import ninja  # noqa: F401 - ImportError propagates to ensure_op, which logs it and falls back
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved_path])
+    try:
+        cpp_extension.load(name=f"compactrec_salted_hash_{tag}", sources=[str(SOURCE)], extra_cflags=_CFLAGS,
+                           build_directory=str(directory), is_python_module=False, verbose=False)
+    finally:
+        os.environ["PATH"] = saved_path
 
 
-def load() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, building it on first call; ``None`` (logged once) if it cannot be built."""
-    global _lib, _load_failed
-    if _lib is not None or _load_failed:
-        return _lib
+def _torch_kernel(values: torch.Tensor, feature: Optional[torch.Tensor], salts: torch.Tensor,
+                  mods: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The operator in torch ops (any device): the same bits as the C++ kernel."""
+    if values.device.type != "cpu" and values.device.type not in _warned_devices:
+        _warned_devices.add(values.device.type)
+        logger.info("compactrec::salted_hash: no native %s kernel; running its torch ops there", values.device.type)
+    if mods is not None and mods.numel() not in (1, salts.shape[0]):
+        raise ValueError(f"compactrec::salted_hash: mods must hold 1 or F = {salts.shape[0]} moduli, got "
+                         f"{mods.numel()}")
+    f = feature if feature is not None else torch.zeros_like(values)
+    h = mix64(values[:, None] ^ salts[f])
+    if mods is None:
+        return h
+    n = (mods if mods.numel() > 1 else mods.expand(salts.shape[0]))[f][:, None]
+    # 2**64 mod n without leaving int64: ((2**63 - 1) mod n + 1) mod n is 2**63 mod n (< n <= 2**62), doubled
+    half = torch.remainder(torch.remainder(torch.full_like(n, (1 << 63) - 1), n) + 1, n)
+    wrap = torch.remainder(2 * half, n)
+    r = torch.remainder(h, n)
+    return torch.where(h < 0, torch.remainder(r + wrap, n), r)
+
+
+def _fake_kernel(values: torch.Tensor, feature: Optional[torch.Tensor], salts: torch.Tensor,
+                 mods: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return values.new_empty((values.shape[0], salts.shape[1]))
+
+
+def ensure_op() -> bool:
+    """Register ``compactrec::salted_hash`` in this process (once); True when the C++ CPU kernel is in use."""
+    if "native" in _state:
+        return bool(_state["native"])
     with _lock:
-        if _lib is None and not _load_failed:
-            if os.environ.get("COMPACTREC_FUSED_HASH", "1") == "0":
-                _load_failed = True
-                logger.warning("fused id hashing disabled by COMPACTREC_FUSED_HASH=0; using the torch ops")
-                return None
+        if "native" in _state:
+            return bool(_state["native"])
+        native = False
+        if os.environ.get("COMPACTREC_FUSED_HASH", "1") == "0":
+            logger.warning("compactrec::salted_hash: C++ kernel disabled by COMPACTREC_FUSED_HASH=0; "
+                           "using its torch ops")
+        else:
             try:
-                _lib = _build()
-                logger.info("fused id hashing: C kernel loaded (cache %s)", cache_dir())
-            except Exception as exc:  # no compiler, failed build, unwritable cache, ...: the torch path runs
-                _load_failed = True
-                logger.warning("fused id hashing unavailable (%s); falling back to the torch ops", exc)
-    return _lib
-
-
-def reset() -> None:
-    """Forget the loaded kernel and any failure (tests; the next call builds or loads again)."""
-    global _lib, _load_failed
-    with _lock:
-        _lib, _load_failed = None, False
-        _warned_devices.clear()
+                _build_native()
+                native = True
+                logger.info("compactrec::salted_hash: C++ kernel loaded (cache %s)", cache_dir())
+            except Exception as exc:  # no compiler/ninja, failed build, unwritable cache: the torch kernel runs
+                logger.warning("compactrec::salted_hash: C++ kernel unavailable (%s: %s); falling back to the "
+                               "torch ops", type(exc).__name__, str(exc).strip().splitlines()[-1][:500] if str(exc)
+                               else "")
+        if native:
+            lib = torch.library.Library(OP_NAMESPACE, "IMPL")  # the schema and CPU kernel come from C++
+        else:
+            lib = torch.library.Library(OP_NAMESPACE, "DEF")
+            lib.define(SCHEMA)
+        lib.impl(OP_NAME, _torch_kernel, "CompositeExplicitAutograd")  # CUDA etc. (and CPU without C++)
+        torch.library.register_fake(f"{OP_NAMESPACE}::{OP_NAME}", _fake_kernel, lib=lib)
+        _state["libs"] = lib
+        _state["native"] = native
+    return native
 
 
 def available() -> bool:
-    """Whether the CPU kernel can be used in this process (builds it if needed)."""
-    return load() is not None
+    """Whether the C++ CPU kernel runs in this process (builds it on first call)."""
+    return ensure_op()
 
 
-def _inverses(mods: torch.Tensor) -> torch.Tensor:
-    """floor((2**64 - 1) / n) of each modulus as uint64 bits in an int64 tensor."""
-    return torch.tensor([_signed(((1 << 64) - 1) // int(n)) for n in mods.tolist()], dtype=torch.int64)
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-_inverse_cache: dict = {}
+_mod_cache: Dict[Tuple[int, str], torch.Tensor] = {}
 
 
 def salted_hash(values: torch.Tensor, feature: Optional[torch.Tensor], salts: torch.Tensor,
-                mods: Union[None, int, torch.Tensor] = None) -> Optional[torch.Tensor]:
+                mods: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
     """``[N, H]`` int64 hashes of ``values`` [N] with salt rows ``salts[feature]`` ([F, H] or [F]), reduced
-    (unsigned) mod ``mods`` (an int, or [F] per-feature moduli in [1, 2**62]) unless it is ``None``.
-
-    Returns ``None`` when the fused kernel cannot run (not CPU, meta, no compiler); the caller then runs
-    the torch path, which gives the same bits.
-    """
-    if values.device.type != "cpu":
-        if values.device.type != "meta" and values.device.type not in _warned_devices:
-            _warned_devices.add(values.device.type)
-            logger.info("fused id hashing is CPU-only; using the torch ops on %s", values.device.type)
-        return None
-    lib = load()
-    if lib is None:
-        return None
-    values = values.to(torch.int64).contiguous()
-    n = values.numel()
-    salts2 = salts.to(torch.int64).reshape(salts.shape[0], -1).contiguous()
-    h = salts2.shape[1]
-    if feature is not None:
-        feature = feature.to(torch.int64).contiguous()
+    (unsigned) mod ``mods`` (an int, or [F] per-feature moduli in [1, 2**62]) unless it is ``None``."""
+    ensure_op()
+    salts2 = salts.to(torch.int64).reshape(salts.shape[0], -1)
     mod_t: Optional[torch.Tensor] = None
-    inv_t: Optional[torch.Tensor] = None
-    per_feature = 0
-    if mods is not None:
-        if isinstance(mods, torch.Tensor):
-            mod_t = mods.to(device="cpu", dtype=torch.int64).contiguous()
-            per_feature = 1
-        else:
-            mod_t = torch.tensor([int(mods)], dtype=torch.int64)
-        key = tuple(mod_t.tolist())
-        inv_t = _inverse_cache.get(key)
-        if inv_t is None:
-            inv_t = _inverses(mod_t)
-            if len(_inverse_cache) < 1024:
-                _inverse_cache[key] = inv_t
-    out = torch.empty(n, h, dtype=torch.int64)
-    if n == 0:
-        return out
-    args = (values.data_ptr(), feature.data_ptr() if feature is not None else None, salts2.data_ptr(), h,
-            mod_t.data_ptr() if mod_t is not None else None, inv_t.data_ptr() if inv_t is not None else None,
-            per_feature)
-    fn = lib.compactrec_salted_hash
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or n * h < _PARALLEL_MIN_IDS:
-        fn(*args, 0, n, out.data_ptr())
-    else:
-        global _pool
-        if _pool is None or _pool._max_workers != threads:  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="compactrec-hash")
-        step = (n + threads - 1) // threads
-        futures = [_pool.submit(fn, *args, b, min(n, b + step), out.data_ptr()) for b in range(step, n, step)]
-        fn(*args, 0, min(n, step), out.data_ptr())
-        for fut in futures:
-            fut.result()
-    return out
+    if isinstance(mods, torch.Tensor):
+        mod_t = mods.to(dtype=torch.int64)
+    elif mods is not None:
+        if not 1 <= int(mods) <= MAX_BUCKETS:
+            raise ValueError(f"num_buckets must be in [1, 2**62], got {mods}")
+        key = (int(mods), str(values.device))
+        mod_t = _mod_cache.get(key)
+        if mod_t is None:
+            mod_t = torch.tensor([int(mods)], dtype=torch.int64, device=values.device)
+            if len(_mod_cache) < 1024:
+                _mod_cache[key] = mod_t
+    return torch.ops.compactrec.salted_hash(values.to(torch.int64).reshape(-1),
+                                            None if feature is None else feature.to(torch.int64), salts2, mod_t)
+
+
+__all__ = ["SCHEMA", "available", "cache_dir", "ensure_op", "salted_hash"]

@@ -128,9 +128,9 @@ def salted_hash(
     ``rows`` [F] in [1, 2**62], with ``wrap = 2**64 mod rows``, see ``embeddings.chunked.wrap_of``).
 
     ``salts`` is [F] (one salt per feature: result [N]) or [F, H] (H salts per feature: result [N, H]);
-    ``feature`` [N] is each value's feature index. ``backend="fused"`` runs the one-pass C kernel of
-    ``embeddings.fused_hash`` where it can (CPU tensors and a C compiler) and otherwise this torch code;
-    both give the same bits.
+    ``feature`` [N] is each value's feature index. ``backend="fused"`` calls the registered operator
+    ``compactrec::salted_hash`` (``embeddings.fused_hash``: one C++ pass on CPU where it builds, these torch
+    ops elsewhere); both backends give the same bits.
     """
     if num_buckets is not None and rows is not None:
         raise ValueError("give num_buckets or rows, not both")
@@ -138,9 +138,8 @@ def salted_hash(
         from embeddings import fused_hash
 
         out = fused_hash.salted_hash(values, feature, salts, num_buckets if rows is None else rows)
-        if out is not None:
-            return out.view(-1) if salts.dim() == 1 else out
-    elif backend != "torch":
+        return out.view(-1) if salts.dim() == 1 else out
+    if backend != "torch":
         raise ValueError(f"hash backend must be one of {HASH_BACKENDS}, got {backend!r}")
     ids = values if salts.dim() == 1 else values[:, None]
     h = mix64(ids ^ salts[feature])

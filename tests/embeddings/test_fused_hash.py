@@ -1,10 +1,13 @@
-"""The optional fused hashing kernel (``hash_backend: fused``): the same bits as the torch path on the pinned
-golden values, on random and extreme int64 ids, for every modulus form and every hashed method; automatic,
-logged fallback where it cannot run (no compiler, CUDA, meta)."""
+"""The hashing operator ``compactrec::salted_hash`` (``hash_backend: fused``): the same bits as the torch path on
+the pinned golden values, on random and extreme int64 ids, for every modulus form and every hashed method,
+eagerly, scripted (TorchScript) and exported (``torch.export``); the torch-ops kernel as the logged fallback where
+the C++ kernel cannot be built (no compiler, disabled), and on meta tensors (shapes only)."""
 
 from __future__ import annotations
 
-import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,20 +28,16 @@ from embeddings.types import SparseArchContext
 from tests.embeddings.test_hashing import GOLDEN, IDS, _py_hash_to_range
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The kernel built into a fresh cache directory; the whole module skips if it cannot be built."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("COMPACTREC_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
-    mp.delenv("COMPACTREC_FUSED_HASH", raising=False)
-    fused_hash.reset()
+def kernel() -> Iterator[None]:
+    """The C++ kernel, built into (or reused from) the user's kernel cache; the module skips without it."""
     if not fused_hash.available():
-        mp.undo()
-        fused_hash.reset()
-        pytest.skip("fused hash kernel unavailable: no working C compiler (cc/gcc/clang) on this machine")
+        pytest.skip("compactrec::salted_hash C++ kernel unavailable here (no C++ compiler or ninja): "
+                    "the torch-ops kernel runs instead")
     yield
-    mp.undo()
-    fused_hash.reset()
 
 
 def _random_ids(n: int, seed: int) -> torch.Tensor:
@@ -173,45 +172,103 @@ def test_memrec_maps_ids_identically(kernel: None, granularity: str) -> None:
         assert torch.equal(torch_mod(kjt).values(), fused_mod(kjt).values())
 
 
-# ---- fallback ------------------------------------------------------------------------------------------
-def test_no_compiler_falls_back_to_torch_and_logs_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """Runs with or without a compiler: a build that cannot find one returns None; the backend still works."""
-    monkeypatch.setenv("COMPACTREC_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(fused_hash, "_compiler", lambda: None)
-    fused_hash.reset()
-    try:
-        ids = torch.tensor(IDS)
-        feature = torch.zeros_like(ids)
-        salts = hash_salt(torch.zeros(1, 1, dtype=torch.int64), 0, torch.zeros(1, 1, dtype=torch.int64))
-        with caplog.at_level(logging.WARNING, logger="embeddings.fused_hash"):
-            assert fused_hash.salted_hash(ids, feature, salts, 10) is None
-            got = salted_hash(ids, feature, salts, num_buckets=10, backend="fused")
-        assert torch.equal(got, salted_hash(ids, feature, salts, num_buckets=10, backend="torch"))
-        warnings = [r for r in caplog.records if "falling back to the torch ops" in r.getMessage()]
-        assert len(warnings) == 1 and "no C compiler" in warnings[0].getMessage()
-    finally:
-        fused_hash.reset()
+# ---- scripted and exported models call the operator ---------------------------------------------------------
+class _HashRows(torch.nn.Module):
+    """What a hashed method's id maths does: rows of every id from the operator (per-feature moduli)."""
+
+    def forward(self, values: torch.Tensor, feature: torch.Tensor, salts: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.compactrec.salted_hash(values, feature, salts, rows)
 
 
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COMPACTREC_FUSED_HASH", "0")
-    fused_hash.reset()
-    try:
-        assert not fused_hash.available()
-    finally:
-        fused_hash.reset()
+def _golden_inputs() -> tuple:
+    """The pinned golden cases as one batch: (ids, features, salts [F, 1] per case, moduli [F], expected)."""
+    ids = torch.tensor([args[0] for args, _ in GOLDEN])
+    salts = torch.cat([hash_salt(torch.tensor([[args[1]]]), args[2], args[3]) for args, _ in GOLDEN])
+    rows = torch.tensor([args[4] for args, _ in GOLDEN])
+    return ids, torch.arange(len(GOLDEN)), salts, rows, torch.tensor([[want] for _, want in GOLDEN])
 
 
-def test_meta_tensors_take_the_torch_path() -> None:
+def test_golden_values_eager_scripted_and_exported(kernel: None, tmp_path: Path) -> None:
+    ids, feature, salts, rows, want = _golden_inputs()
+    module = _HashRows()
+    assert torch.equal(module(ids, feature, salts, rows), want)
+    scripted = torch.jit.script(module)
+    scripted.save(str(tmp_path / "hash.pt"))
+    assert torch.equal(torch.jit.load(str(tmp_path / "hash.pt"))(ids, feature, salts, rows), want)
+    n = torch.export.Dim("n", min=2)
+    exported = torch.export.export(module, (ids, feature, salts, rows), dynamic_shapes=({0: n}, {0: n}, None, None))
+    torch.export.save(exported, tmp_path / "hash.pt2")
+    loaded = torch.export.load(tmp_path / "hash.pt2").module()
+    assert torch.equal(loaded(ids, feature, salts, rows), want)
+    # another batch size through the same exported graph, against the torch path
+    more = _random_ids(3000, 5)
+    f = torch.randint(0, len(GOLDEN), (more.numel(),), generator=torch.Generator().manual_seed(3))
+    expected = salted_hash(more, f, salts, rows=rows, wrap=torch.tensor(wrap_of(rows.tolist())), backend="torch")
+    assert torch.equal(loaded(more, f, salts, rows), expected)
+    assert torch.equal(torch.jit.load(str(tmp_path / "hash.pt"))(more, f, salts, rows), expected)
+
+
+def test_bad_inputs_are_clear_errors(kernel: None) -> None:
+    salts = hash_salt(torch.arange(3)[:, None], 0, torch.zeros(1, 1, dtype=torch.int64))
+    ids = torch.arange(10)
+    with pytest.raises(RuntimeError, match=r"feature\[4\] = 7 is outside \[0, 3\)"):
+        torch.ops.compactrec.salted_hash(ids, torch.tensor([0, 1, 2, 0, 7, 0, 1, 2, 0, 1]), salts, None)
+    with pytest.raises(RuntimeError, match=r"modulus 0 \(mods\[1\]\) is outside \[1, 2\*\*62\]"):
+        torch.ops.compactrec.salted_hash(ids, None, salts, torch.tensor([5, 0, 3]))
+    with pytest.raises(RuntimeError, match="mods must be a 1-D int64 tensor of 1 or F = 3"):
+        torch.ops.compactrec.salted_hash(ids, None, salts, torch.tensor([5, 3]))
+
+
+# ---- fallback: the torch-ops kernel, the same bits, logged ----------------------------------------------------
+_CHILD = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+from embeddings import fused_hash
+from embeddings.hashing import hash_salt, salted_hash
+print("native", fused_hash.available())
+ids = torch.arange(-500, 500) * 7919
+feature = torch.arange(1000) % 3
+salts = hash_salt(torch.arange(3)[:, None], 5, torch.arange(2)[None, :])
+rows = torch.tensor([7, 75000, 2**62])
+same = torch.equal(salted_hash(ids, feature, salts, rows=rows, wrap=torch.tensor([(1 << 64) % int(r) for r in rows]),
+                               backend="torch"), torch.ops.compactrec.salted_hash(ids, feature, salts, rows))
+def raw(v: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.ops.compactrec.salted_hash(v, f, s, None)
+scripted = torch.jit.script(raw)
+print("same", same, torch.equal(scripted(ids, feature, salts), salted_hash(ids, feature, salts, backend="torch")))
+"""
+
+
+def _child(tmp_path: Path, env: dict) -> str:
+    script = tmp_path / "child.py"  # a file: TorchScript reads the scripted function's source
+    script.write_text(_CHILD)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_without_a_compiler_the_torch_kernel_runs_and_is_logged(tmp_path: Path) -> None:
+    out = _child(tmp_path, {"COMPACTREC_KERNEL_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler"),
+                  "COMPACTREC_FUSED_HASH": "1"})
+    assert "native False" in out and "same True True" in out
+    assert out.count("C++ kernel unavailable") == 1 and "falling back to the torch ops" in out
+
+
+def test_disabled_by_environment(tmp_path: Path) -> None:
+    out = _child(tmp_path, {"COMPACTREC_FUSED_HASH": "0"})
+    assert "native False" in out and "same True True" in out and "disabled by COMPACTREC_FUSED_HASH=0" in out
+
+
+def test_meta_tensors_give_shapes() -> None:
     ids = torch.empty(10, dtype=torch.int64, device="meta")
     salts = torch.empty(3, 2, dtype=torch.int64, device="meta")
-    assert fused_hash.salted_hash(ids, ids, salts, 5) is None
     assert salted_hash(ids, ids, salts, num_buckets=5, backend="fused").shape == (10, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_use_the_torch_path_with_the_same_bits() -> None:
+def test_cuda_tensors_use_the_torch_kernel_with_the_same_bits() -> None:
     ids = _random_ids(10_000, 3)
     feature = torch.randint(0, 5, (ids.numel(),), generator=torch.Generator().manual_seed(0))
     salts = hash_salt(torch.arange(5)[:, None], 1, torch.arange(2)[None, :])
