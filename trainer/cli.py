@@ -65,12 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("config")
     pr.add_argument("overrides", nargs="*")
 
-    ex = sub.add_parser("export", help="write a checkpoint's model as one file of unsharded weights for inference")
+    ex = sub.add_parser("export", help="write a checkpoint's model as one inference artifact (fbgemm inference TBE)")
     ex.add_argument("config")
     ex.add_argument("overrides", nargs="*")
     ex.add_argument("--out", required=True, help="output file (e.g. model.pt)")
+    ex.add_argument("--precision", default="fp32", help="embedding table precision: fp32, fp16, int8 or int4")
     ex.add_argument("--checkpoint", default=None,
                     help="checkpoint directory (default: the newest complete one in training.run_dir)")
+
+    sc = sub.add_parser("score", help="score a split with an inference artifact: AUC, logloss, samples/s")
+    sc.add_argument("artifact", help="file written by `compactrec export`")
+    sc.add_argument("overrides", nargs="*", help="data.key=value overrides of the artifact's data section")
+    sc.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
+    sc.add_argument("--format", default=None, choices=("tsv", "npy", "npz"), help="data format (default: the artifact's)")
+    sc.add_argument("--split", default="val", choices=("val", "test", "day"),
+                    help="val / test: the halves of data.eval_day; day: all of it")
+    sc.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: data.eval_batch_size)")
+    sc.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    sc.add_argument("--predictions", default=None, help="write the logits here (.npy, float32, split order)")
+    sc.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                    help="no progress bar (default: shown on a terminal)")
+    sc.add_argument("--json", action="store_true", help="print the result as JSON")
 
     cp = sub.add_parser("compare", help="side-by-side AUC, memory and speed of finished runs")
     cp.add_argument("run_dirs", nargs="+", help="run directories; the first is the reference (e.g. runs/default)")
@@ -173,9 +188,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_checkpoint
 
     done = export_checkpoint(load_config(args.config, args.overrides), Path(args.out),
-                             Path(args.checkpoint) if args.checkpoint else None)
-    print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']}: {done['tensors']} tensors, "
-          f"{done['bytes'] / 2**20:.1f} MiB")
+                             Path(args.checkpoint) if args.checkpoint else None, precision=args.precision)
+    print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']}: {done['precision']} tables "
+          f"{done['table_bytes'] / 2**20:.2f} MiB, dense {done['dense_bytes'] / 2**20:.2f} MiB, "
+          f"file {done['file_bytes'] / 2**20:.2f} MiB")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.score import format_result, run_score
+
+    result = run_score(args.artifact, args.data, args.format, args.split, args.batch_size, list(args.overrides),
+                       args.threads, args.progress, args.predictions)
+    print(json.dumps(result, indent=1, default=str) if args.json else
+          format_result(result, args.artifact, result["data"]["path"]))
     return 0
 
 
@@ -198,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command != "train":
         _setup_logging(0)
     commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index,
-                "compare": _cmd_compare, "prepare": _cmd_prepare, "export": _cmd_export}
+                "compare": _cmd_compare, "prepare": _cmd_prepare, "export": _cmd_export, "score": _cmd_score}
     try:
         return commands[args.command](args)
     except FileExistsError as exc:

@@ -3,9 +3,9 @@
 - 2 ranks -> 4 ranks: the row-wise shards are re-split and the 4-rank model gives the 2-rank model's outputs;
   training resumed on 4 ranks (same global batch) ends where the uninterrupted 2-rank run ends, up to float32
   summation order.
-- ``compactrec export``: one file of unsharded weights; a plain single-process model (a stock torchrec DLRM
-  over a stock EmbeddingBagCollection for ``full``; the compressed module for MEM-REC) loads it strictly and
-  scores like the sharded model.
+- ``compactrec export``: one inference artifact; ``trainer.inference.load`` rebuilds it in a plain single process
+  (fbgemm's inference TBE, fp32 tables) and it scores like the sharded model; the fp32 rows of ``full`` are a stock
+  torchrec DLRM's tables.
 """
 
 from __future__ import annotations
@@ -62,23 +62,19 @@ def _export_and_compare(preset: str, overrides: List[str], run: Path, tmp_path: 
                         sharded: torch.Tensor) -> Dict[str, Any]:
     from trainer.cli import main
     from trainer.data import loader
-    from trainer.export import load_inference_model, read_export
-    from trainer.ids import reduce_ids
+    from trainer.inference import load, read_artifact
 
     out = tmp_path / "model.pt"
     assert main(["export", str(REPO / "configs" / preset), *overrides, "--out", str(out)]) == 0
-    payload = read_export(out)
+    payload = read_artifact(out)
     assert payload["checkpoint"]["step"] == 4 and payload["checkpoint"]["world_size"] == 2
-    model, _ = load_inference_model(out)
+    model = load(out)
     config = load_config(REPO / "configs" / preset, overrides + ["data.eval_batch_size=2048"])
     batch = next(iter(loader.make_batches(config.data, "val", 0, 1)))
-    sparse = batch.sparse_features
-    if payload["ids"] == "table":
-        sparse = reduce_ids(sparse, torch.tensor(payload["num_embeddings_per_feature"]))
-    with torch.no_grad():
-        logits = model(batch.dense_features, sparse).squeeze(-1)
+    with torch.no_grad():  # raw ids for every method: full reduces them mod rows itself
+        logits = model(batch.dense_features, batch.sparse_features)
     torch.testing.assert_close(logits, sharded, rtol=1e-5, atol=1e-6)
-    return {"payload": payload, "dense": batch.dense_features, "sparse": sparse, "logits": logits}
+    return {"payload": payload, "dense": batch.dense_features, "sparse": batch.sparse_features, "logits": logits}
 
 
 def test_two_rank_checkpoint_loads_into_four_ranks_and_exports_for_one_process(tiny_dataset: Path,
@@ -93,17 +89,18 @@ def test_two_rank_checkpoint_loads_into_four_ranks_and_exports_for_one_process(t
     torch.testing.assert_close(four, two, rtol=1e-5, atol=1e-6)
     # MEM-REC export: one process, no process group, the compressed module unsharded
     done = _export_and_compare(PRESET, base, run, tmp_path, two)
-    keys = done["payload"]["state_dict"].keys()
-    assert any(k.endswith("memrec_tokens.weight") for k in keys) and any("weight_table" in k for k in keys)
-    # the token table was row-wise sharded over the 2 ranks; the export holds it whole
-    token = next(v for k, v in done["payload"]["state_dict"].items() if k.endswith("memrec_tokens.weight"))
-    assert token.shape[0] == 2000
+    sparse = done["payload"]["sparse"]
+    assert sparse["form"] == "memrec" and set(sparse["parameters"]) == {"weight_table"}
+    # the token table was row-wise sharded over the 2 ranks; the export holds it whole (fp32: 4 bytes a value)
+    assert sparse["tables"]["memrec_tokens"]["weight"].shape == (2000, 4 * 16)
 
 
 def test_export_full_loads_into_a_stock_torchrec_dlrm(tiny_dataset: Path, tmp_path: Path) -> None:
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from trainer.ids import reduce_ids
 
     run = tmp_path / "run"
     base = tiny_overrides(tiny_dataset, run) + ["training.evals_per_epoch=0", "training.final_test=false",
@@ -118,11 +115,14 @@ def test_export_full_loads_into_a_stock_torchrec_dlrm(tiny_dataset: Path, tmp_pa
               for f, n in zip(payload["feature_names"], payload["num_embeddings_per_feature"])]
     stock = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables), dense_in_features=13,
                  dense_arch_layer_sizes=cfg["dense_arch_layer_sizes"], over_arch_layer_sizes=cfg["over_arch_layer_sizes"])
-    stock.load_state_dict(payload["state_dict"], strict=True)
+    rows = {f"{payload['sparse_path']}.embedding_bags.{name}.weight": t["weight"].view(torch.float32)
+            for name, t in payload["sparse"]["tables"].items()}
+    stock.load_state_dict({**payload["dense_state_dict"], **rows}, strict=True)
     stock.eval()
     with torch.no_grad():
-        logits = stock(done["dense"], done["sparse"]).squeeze(-1)
-    torch.testing.assert_close(logits, done["logits"], rtol=0, atol=0)
+        logits = stock(done["dense"], reduce_ids(done["sparse"], torch.tensor(payload["num_embeddings_per_feature"])))
+    # nn.EmbeddingBag and fbgemm's TBE over the same fp32 rows: equal up to summation order
+    torch.testing.assert_close(logits.squeeze(-1), done["logits"], rtol=1e-5, atol=1e-6)
     assert latest_checkpoint(run) is not None
 
 
