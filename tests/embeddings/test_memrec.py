@@ -316,3 +316,15 @@ def test_default_constraints(nodes: int, expected: str) -> None:
     per_sample = MemRecOptions(num_token_rows=10, num_weight_rows=10, num_token_hashes=2, granularity="per_sample")
     c = default_constraints(registry.get("memrec").build(_ctx("meta"), per_sample), per_sample, topology)
     assert c["memrec_tokens"].pooling_factors == [12.0] and c["memrec_tokens"].is_weighted is False
+
+
+@pytest.mark.parametrize("num_features,batch,most", [(26, 512, 2), (3, 5, 4), (1, 1, 3), (4, 7, 1), (5, 64, 6)])
+def test_sample_major_order_is_the_stable_sort_by_sample(num_features: int, batch: int, most: int) -> None:
+    from embeddings.memrec_per_sample import sample_major_order
+
+    gen = torch.Generator().manual_seed(num_features * batch)
+    for _ in range(3):  # empty bags, empty samples and multi-hot bags included
+        lengths = torch.randint(0, most, (num_features * batch,), generator=gen, dtype=torch.int32)
+        n = int(lengths.sum())
+        sample = torch.repeat_interleave(torch.arange(num_features * batch), lengths.long(), output_size=n) % batch
+        assert torch.equal(sample_major_order(lengths, num_features, batch, n), torch.argsort(sample, stable=True))
