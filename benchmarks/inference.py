@@ -202,32 +202,45 @@ def make_batch(rng: np.random.Generator, names: Sequence[str], rows: Sequence[in
     return torch.from_numpy(rng.random((batch, 13), dtype=np.float32)), kjt
 
 
+def table_gib(methods: Sequence[str], rows: Sequence[int], dim: int, precision: str) -> float:
+    """Rows of every method's tables: full, 1/16 of it for each memory_fraction method, 75000 for MEM-REC."""
+    full = sum(rows) * row_bytes(dim, precision)
+    total = 0.0
+    for name in methods:
+        opts = METHODS[name][1]
+        total += full * opts["memory_fraction"] if "memory_fraction" in opts else \
+            opts.get("num_token_rows", 0) * row_bytes(dim, precision) if name != "full" else full
+    return total / 2**30
+
+
 def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Dict[int, float],
              lma_dir: Path) -> Dict[str, Any]:
     rows = scaled_rows(TB_ROWS, scale)
     names = [f"cat_{i}" for i in range(len(rows))]
     dim = args.dim
     ctx = SparseArchContext(names, rows, dim, torch.device("cpu"))
+    methods = args.claim_methods if scale in args.claim_only_scales else args.methods
     full_gib = sum(rows) * row_bytes(dim, precision) / 2**30
-    need = full_gib * (1 + 3 / 16) + 0.5 + args.reserve_gib
+    tables = table_gib(methods, rows, dim, precision)
+    need = tables + 0.5 + args.reserve_gib
     have = available_gib()
-    cell: Dict[str, Any] = {"scale": scale, "precision": precision, "full_table_gib": full_gib,
+    cell: Dict[str, Any] = {"scale": scale, "precision": precision, "full_table_gib": full_gib, "methods": methods,
                             "available_gib_at_start": have, "records": []}
     if need > have:
-        cell["skipped"] = (f"needs about {need:.1f} GiB free (tables {full_gib * (1 + 3 / 16):.1f} GiB + 0.5 GiB "
-                           f"work + {args.reserve_gib} GiB kept for others), {have:.1f} GiB available")
+        cell["skipped"] = (f"needs about {need:.1f} GiB free (tables {tables:.1f} GiB + 0.5 GiB work + "
+                           f"{args.reserve_gib} GiB kept for others), {have:.1f} GiB available")
         print(f"== 1/{scale} {precision}: skipped: {cell['skipped']}", flush=True)
         return cell
     print(f"== 1/{scale} {precision}: full tables {full_gib:.2f} GiB ({have:.1f} GiB available)", flush=True)
     torch.set_num_threads(max(args.threads))
     lma_index = None
-    if "lma" in args.methods:
+    if "lma" in methods:
         lma_index = str(lma_dir / f"lma_{scale}.npz")
         if not Path(lma_index).exists():
             build_lma_index(Path(lma_index), names, rows, dim, "zipf", args.lma_sample_rows)
     built: Dict[str, nn.Module] = {}
     models: Dict[str, nn.Module] = {}
-    for name in args.methods:
+    for name in methods:
         t = time.perf_counter()
         built[name], arch = build_method(name, ctx, precision, lma_index)
         if args.model_batch_sizes:
@@ -245,7 +258,7 @@ def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Di
                 stages += ["model"] if batch in args.model_batch_sizes else []
                 for stage in stages:
                     fns: Dict[str, Callable[[], Any]] = {}
-                    for name in args.methods:
+                    for name in methods:
                         if stage in ("ids", "lookup"):
                             fns[name] = stage_fns(built[name], inputs[0][1])[stage]
                         else:
@@ -255,7 +268,7 @@ def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Di
                     reps = args.model_repeats if stage == "model" else args.repeats
                     times = interleaved(fns, args.warmup, reps)
                     medians = {n: float(np.median(t)) for n, t in times.items()}
-                    for name in args.methods:
+                    for name in methods:
                         rec = {"dist": dist, "batch": batch, "threads": threads, "stage": stage, "method": name,
                                **summary(times[name]), "vs_full": medians["full"] / medians[name]}
                         if stage == "embedding":
@@ -264,7 +277,7 @@ def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Di
                             rec["fraction_of_bandwidth_bound"] = rec["bandwidth_bound_ms"] / rec["median_ms"]
                         cell["records"].append(rec)
                     line = "  ".join(f"{n} {medians[n] * 1e3:.2f}" + (f" ({medians['full'] / medians[n]:.2f}x)"
-                                                                     if n != "full" else "") for n in args.methods)
+                                                                     if n != "full" else "") for n in methods)
                     print(f"   {dist:7s} B={batch:5d} t={threads} {stage:9s} ms: {line}", flush=True)
     del built, models
     gc.collect()
@@ -279,6 +292,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precisions", type=words, default=["fp32", "fp16", "int8"])
     p.add_argument("--int8-only-scales", type=ints, default=[2], help="scales run at int8 only (the largest)")
     p.add_argument("--methods", type=words, default=list(METHODS))
+    p.add_argument("--claim-only-scales", type=ints, default=[4, 2],
+                   help="scales where only --claim-methods run (the 1/16-size tables of the others cost memory)")
+    p.add_argument("--claim-methods", type=words, default=["full", "memrec", "memrec_sample"])
     p.add_argument("--dists", type=words, default=["zipf", "uniform"])
     p.add_argument("--batch-sizes", type=ints, default=[512, 2048, 8192])
     p.add_argument("--model-batch-sizes", type=ints, default=[2048], help="whole-model timings (none: '')")
@@ -295,8 +311,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a run under 5 minutes that still prints every ratio")
     args = p.parse_args(argv)
     if args.quick:
-        args.scales, args.int8_only_scales, args.precisions = [64], [], ["fp32", "int8"]
-        args.dists, args.batch_sizes, args.model_batch_sizes = ["zipf"], [2048], [2048]
+        args.scales, args.int8_only_scales, args.precisions, args.claim_only_scales = [64], [], ["fp32", "int8"], []
+        args.dists, args.batch_sizes, args.model_batch_sizes, args.threads = ["zipf"], [2048], [512], [1]
         args.repeats, args.model_repeats, args.lma_sample_rows = 7, 3, 20_000
         if args.out == "benchmarks/results/inference.json":
             args.out = "benchmarks/results/inference_quick.json"

@@ -33,14 +33,13 @@ def sample_major_order(lengths: torch.Tensor, num_features: int, batch: int, num
     """What ``argsort(sample_of_value, stable=True)`` gives for a feature-major KJT (the values grouped by
     sample, features and positions in order within a sample), in O(n) from the lengths, without a sort."""
     counts = lengths.view(num_features, batch).to(torch.int64)
-    per_sample = counts.sum(0)
-    within = torch.cumsum(counts, 0) - counts  # where bag (f, s) starts inside sample s
-    target_start = (torch.cumsum(per_sample, 0) - per_sample)[None, :] + within
-    flat = counts.reshape(-1)
-    shift = target_start.reshape(-1) - (torch.cumsum(flat, 0) - flat)  # target start - source start, per bag
+    flat = counts.reshape(-1)  # bag sizes, feature-major
+    by_sample = counts.t().reshape(-1)  # the same bags, sample-major: the order they take in the output
+    target_start = (torch.cumsum(by_sample, 0) - by_sample).view(batch, num_features).t().reshape(-1)
+    shift = target_start - (torch.cumsum(flat, 0) - flat)  # target start - source start, per bag
     positions = torch.arange(num_values, dtype=torch.int64, device=lengths.device)
     target = positions + torch.repeat_interleave(shift, flat, output_size=num_values)
-    return torch.empty_like(positions).index_put_((target,), positions)
+    return torch.empty_like(positions).scatter_(0, target, positions)
 
 
 class PerSampleLayout(MemRecLayout):
