@@ -74,17 +74,19 @@ def quantize_rows(rows: torch.Tensor, precision: str) -> Dict[str, Optional[torc
 
 def quantize_table(num_rows: int, dim: int, precision: str, rows_of: Callable[[int, int], torch.Tensor],
                    chunk_rows: int = CHUNK_ROWS) -> Dict[str, Optional[torch.Tensor]]:
-    """A whole table quantized ``chunk_rows`` at a time from ``rows_of(start, stop)`` (float rows), so that a
-    table far larger than its float copy could be never exists in float at once."""
+    """A whole table quantized ``chunk_rows`` at a time from ``rows_of(start, stop)`` (float rows), so that it
+    never exists in float at once (a table too large for memory in fp32 can still be built at int8)."""
     width = dim * BITS[precision] // 8
     weight = torch.empty(num_rows, width, dtype=torch.uint8)
     scale_shift = torch.empty(num_rows, 4, dtype=torch.uint8) if BITS[precision] < 16 else None
     for start in range(0, num_rows, chunk_rows):
         stop = min(num_rows, start + chunk_rows)
         part = quantize_rows(rows_of(start, stop), precision)
-        weight[start:stop] = part["weight"]
-        if scale_shift is not None:
-            scale_shift[start:stop] = part["scale_shift"]
+        part_weight, part_scale_shift = part["weight"], part["scale_shift"]
+        assert part_weight is not None
+        weight[start:stop] = part_weight
+        if scale_shift is not None and part_scale_shift is not None:
+            scale_shift[start:stop] = part_scale_shift
     return {"weight": weight, "scale_shift": scale_shift}
 
 
@@ -134,7 +136,7 @@ class ReducedIdsEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """``full`` at inference: raw int64 ids reduced ``id mod rows`` per feature (as the training data path does,
     ``trainer.ids``), then TorchRec's quantized EBC. Raw ids in, like every other method's inference module."""
 
-    def __init__(self, ebc: nn.Module, rows: torch.Tensor) -> None:
+    def __init__(self, ebc: QuantEmbeddingBagCollection, rows: torch.Tensor) -> None:
         super().__init__()
         self.ebc = ebc
         self.feature_names: List[str] = [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
@@ -206,14 +208,16 @@ def split_sparse(module: nn.Module, precision: str) -> SparseParts:
     """Quantize ``module``'s inner tables to ``precision``; keep its layout, buffers and other parameters."""
     check_precision(precision)
     form = _form(module)
-    inner = module if form == "full" else getattr(module, INNER[form])
+    inner: EmbeddingBagCollection = module if form == "full" else getattr(module, INNER[form])
     configs = [config_dict(c) for c in inner.embedding_bag_configs()]
     check_dims([config_from_dict(c, precision) for c in configs], precision)
     tables = {}
     for c in configs:
-        weight = inner.embedding_bags[c["name"]].weight.detach()
-        tables[c["name"]] = quantize_table(weight.shape[0], weight.shape[1], precision,
-                                           lambda a, b, w=weight: w[a:b].cpu())
+        weight: torch.Tensor = inner.embedding_bags[c["name"]].weight.detach()
+
+        def rows_of(start: int, stop: int, w: torch.Tensor = weight) -> torch.Tensor:
+            return w[start:stop].cpu()
+        tables[c["name"]] = quantize_table(weight.shape[0], weight.shape[1], precision, rows_of)
     if form == "full":
         rows = torch.tensor([c["num_embeddings"] for c in configs for _ in c["feature_names"]])
         return SparseParts(form, precision, configs, False, tables, buffers={"rows": rows})

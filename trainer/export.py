@@ -65,7 +65,7 @@ def sparse_path(model: nn.Module, sparse: nn.Module) -> str:
 def versions() -> Dict[str, str]:
     import importlib.metadata as md
 
-    out = {"torch": torch.__version__}
+    out: Dict[str, str] = {"torch": str(torch.__version__)}
     for package in ("fbgemm_gpu", "torchrec", "compactrec"):
         try:
             out[package] = md.version({"fbgemm_gpu": "fbgemm-gpu-cpu"}.get(package, package))

@@ -100,7 +100,7 @@ def _build(payload: Dict[str, Any], source: str, device: torch.device) -> nn.Mod
 
     config = from_dict(Config, payload["config"], source=source)
     spec = registry.get(payload["embeddings"])
-    options = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
+    options: Any = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
     s = payload["sparse"]
     parts = SparseParts(form=s["form"], precision=payload["precision"], configs=s["configs"],
                         is_weighted=s["is_weighted"], tables=s["tables"], layout=s["layout"], buffers=s["buffers"],

@@ -51,8 +51,8 @@ def data_config(model: InferenceModel, path: Optional[str], fmt: Optional[str], 
             raise ConfigError(f"score override {text!r}: only data.* keys apply to scoring")
         values.update(parsed["data"])
     day = values.get("eval_day")
-    if isinstance(values.get("train_days"), list) and day in values["train_days"]:  # not read here; keep it valid
-        values["train_days"] = [d for d in values["train_days"] if d != day] or [int(day) + 1]
+    if isinstance(day, int) and isinstance(values.get("train_days"), list) and day in values["train_days"]:
+        values["train_days"] = [d for d in values["train_days"] if d != day] or [day + 1]  # not read; keep it valid
     return from_dict(DataConfig, values, source=source, prefix="data")
 
 
