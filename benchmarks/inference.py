@@ -180,6 +180,26 @@ def bandwidth_gbs(threads: int, mib: int = 1024, repeats: int = 5) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def stage_calls(stage: str, module: nn.Module, model: Optional[nn.Module],
+                inputs: Sequence[Tuple[torch.Tensor, KeyedJaggedTensor]]) -> List[Callable[[], Any]]:
+    """One call per distinct input batch (cycled, so no stage re-reads the rows of the batch before)."""
+    if stage in ("ids", "lookup"):
+        return [stage_fns(module, kjt)[stage] for _, kjt in inputs]
+    if stage == "embedding":
+        return [lambda kjt=kjt: module(kjt) for _, kjt in inputs]
+    assert model is not None
+    return [lambda dense=dense, kjt=kjt: model(dense, kjt) for dense, kjt in inputs]
+
+
+def cycle(calls: Sequence[Callable[[], Any]]) -> Callable[[], Any]:
+    position = [0]
+
+    def call() -> Any:
+        position[0] += 1
+        return calls[position[0] % len(calls)]()
+    return call
+
+
 def interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, List[float]]:
     names = list(fns)
     out: Dict[str, List[float]] = {n: [] for n in names}
@@ -257,14 +277,8 @@ def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Di
                 stages = ["embedding", "ids", "lookup"] if batch in args.batch_sizes else []
                 stages += ["model"] if batch in args.model_batch_sizes else []
                 for stage in stages:
-                    fns: Dict[str, Callable[[], Any]] = {}
-                    for name in methods:
-                        if stage in ("ids", "lookup"):
-                            fns[name] = stage_fns(built[name], inputs[0][1])[stage]
-                        else:
-                            target = built[name] if stage == "embedding" else models[name]
-                            fns[name] = (lambda m=target, s=stage, i=iter(range(10**9)): m(inputs[next(i) % len(
-                                inputs)][1]) if s == "embedding" else m(*inputs[next(i) % len(inputs)]))
+                    fns = {name: cycle(stage_calls(stage, built[name], models.get(name), inputs))
+                           for name in methods}
                     reps = args.model_repeats if stage == "model" else args.repeats
                     times = interleaved(fns, args.warmup, reps)
                     medians = {n: float(np.median(t)) for n, t in times.items()}
