@@ -50,7 +50,6 @@ from embeddings.quant import (
     _form,
     build_sparse,
     config_dict,
-    quantize_table,
 )
 from embeddings.types import SparseArchContext
 from trainer.strict import from_dict
@@ -97,9 +96,10 @@ def build_method(name: str, ctx: SparseArchContext, precision: str, lma_index: O
     inner = shell if form == "full" else getattr(shell, INNER[form])
     configs = [config_dict(c) for c in inner.embedding_bag_configs()]
     gen = torch.Generator().manual_seed(0)
-    tables = {c["name"]: quantize_table(c["num_embeddings"], c["embedding_dim"], precision,
-                                        lambda a, b, d=c["embedding_dim"]: torch.empty(b - a, d).uniform_(
-                                            -0.05, 0.05, generator=gen)) for c in configs}
+    # float rows made and quantized chunk by chunk straight into the kernel's storage
+    tables = {c["name"]: (lambda a, b, d=c["embedding_dim"]: torch.empty(b - a, d).uniform_(-0.05, 0.05,
+                                                                                            generator=gen))
+              for c in configs}
     buffers: Dict[str, torch.Tensor] = {}
     parameters: Dict[str, torch.Tensor] = {}
     if form == "full":

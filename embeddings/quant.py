@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -72,21 +72,27 @@ def quantize_rows(rows: torch.Tensor, precision: str) -> Dict[str, Optional[torc
     return {"weight": packed[:, :-4].contiguous(), "scale_shift": packed[:, -4:].contiguous()}
 
 
-def quantize_table(num_rows: int, dim: int, precision: str, rows_of: Callable[[int, int], torch.Tensor],
-                   chunk_rows: int = CHUNK_ROWS) -> Dict[str, Optional[torch.Tensor]]:
-    """A whole table quantized ``chunk_rows`` at a time from ``rows_of(start, stop)`` (float rows), so that it
-    never exists in float at once (a table too large for memory in fp32 can still be built at int8)."""
-    width = dim * BITS[precision] // 8
-    weight = torch.empty(num_rows, width, dtype=torch.uint8)
-    scale_shift = torch.empty(num_rows, 4, dtype=torch.uint8) if BITS[precision] < 16 else None
-    for start in range(0, num_rows, chunk_rows):
-        stop = min(num_rows, start + chunk_rows)
+def quantize_into(weight: torch.Tensor, scale_shift: Optional[torch.Tensor], precision: str,
+                  rows_of: Callable[[int, int], torch.Tensor], chunk_rows: int = CHUNK_ROWS) -> None:
+    """Fill ``weight`` (uint8 [n, dim * bits / 8]) and ``scale_shift`` (uint8 [n, 4], integer types) with the
+    quantized ``rows_of(start, stop)`` float rows, ``chunk_rows`` at a time: the table never exists in float at
+    once (one too large for memory in fp32 can still be built at int8)."""
+    for start in range(0, weight.shape[0], chunk_rows):
+        stop = min(weight.shape[0], start + chunk_rows)
         part = quantize_rows(rows_of(start, stop), precision)
         part_weight, part_scale_shift = part["weight"], part["scale_shift"]
         assert part_weight is not None
         weight[start:stop] = part_weight
         if scale_shift is not None and part_scale_shift is not None:
             scale_shift[start:stop] = part_scale_shift
+
+
+def quantize_table(num_rows: int, dim: int, precision: str, rows_of: Callable[[int, int], torch.Tensor],
+                   chunk_rows: int = CHUNK_ROWS) -> Dict[str, Optional[torch.Tensor]]:
+    """A whole table, quantized by :func:`quantize_into` into new tensors."""
+    weight = torch.empty(num_rows, dim * BITS[precision] // 8, dtype=torch.uint8)
+    scale_shift = torch.empty(num_rows, 4, dtype=torch.uint8) if BITS[precision] < 16 else None
+    quantize_into(weight, scale_shift, precision, rows_of, chunk_rows)
     return {"weight": weight, "scale_shift": scale_shift}
 
 
@@ -107,28 +113,49 @@ def config_from_dict(data: Dict[str, Any], precision: str) -> EmbeddingBagConfig
                               pooling=PoolingType(data["pooling"]), data_type=PRECISIONS[precision])
 
 
-def quantized_ebc(configs: List[Dict[str, Any]], is_weighted: bool, tables: Dict[str, Dict[str, Optional[torch.Tensor]]],
+Rows = Dict[str, Optional[torch.Tensor]]  # {"weight": uint8 rows, "scale_shift": uint8 [n, 4] or None}
+TableSource = Union[Rows, Callable[[int, int], torch.Tensor]]  # quantized rows, or float rows to quantize
+
+
+def _check_rows(name: str, rows: Rows, want: Tuple[int, int], precision: str) -> None:
+    weight, scale_shift = rows.get("weight"), rows.get("scale_shift")
+    if weight is None or tuple(weight.shape) != want or weight.dtype != torch.uint8:
+        raise ValueError(f"table {name}: {precision} rows must be uint8 {list(want)}, got "
+                         f"{None if weight is None else (weight.dtype, list(weight.shape))}")
+    if (scale_shift is None) != (BITS[precision] >= 16):
+        raise ValueError(f"table {name}: {precision} rows {'need' if BITS[precision] < 16 else 'take no'} "
+                         "per-row scale and shift")
+    if scale_shift is not None and (tuple(scale_shift.shape) != (want[0], 4) or scale_shift.dtype != torch.uint8):
+        raise ValueError(f"table {name}: scale and shift must be uint8 [{want[0]}, 4], got "
+                         f"{(scale_shift.dtype, list(scale_shift.shape))}")
+
+
+def quantized_ebc(configs: List[Dict[str, Any]], is_weighted: bool, tables: Mapping[str, TableSource],
                   precision: str, device: torch.device) -> QuantEmbeddingBagCollection:
-    """TorchRec's quantized EBC over ``configs`` with the given rows (fbgemm's inference TBE lookups)."""
+    """TorchRec's quantized EBC over ``configs`` (fbgemm's inference TBE lookups) holding ``tables``: per table
+    its quantized rows, or a function giving float rows ``(start, stop) -> [stop - start, dim]`` that are
+    quantized chunk by chunk. Rows are written straight into the TBE's own storage, so the peak memory is one
+    copy of the tables beyond the given ones."""
     built = [config_from_dict(c, precision) for c in configs]
     check_dims(built, precision)
     missing = [c.name for c in built if c.name not in tables]
     if missing:
         raise ValueError(f"no quantized rows for tables {missing}")
-    weights = {}
     for c in built:
-        table = tables[c.name]
-        weight, scale_shift = table["weight"], table["scale_shift"]
-        want = (c.num_embeddings, c.embedding_dim * BITS[precision] // 8)
-        if weight is None or tuple(weight.shape) != want or weight.dtype != torch.uint8:
-            raise ValueError(f"table {c.name}: {precision} rows must be uint8 {list(want)}, got "
-                             f"{None if weight is None else (weight.dtype, list(weight.shape))}")
-        if (scale_shift is None) != (BITS[precision] >= 16):
-            raise ValueError(f"table {c.name}: {precision} rows {'need' if BITS[precision] < 16 else 'take no'} "
-                             "per-row scale and shift")
-        weights[c.name] = (weight.to(device), None if scale_shift is None else scale_shift.to(device))
-    return QuantEmbeddingBagCollection(tables=built, is_weighted=is_weighted, device=device,
-                                       output_dtype=torch.float, table_name_to_quantized_weights=weights)
+        source = tables[c.name]
+        if not callable(source):
+            _check_rows(c.name, source, (c.num_embeddings, c.embedding_dim * BITS[precision] // 8), precision)
+    qebc = QuantEmbeddingBagCollection(tables=built, is_weighted=is_weighted, device=device, output_dtype=torch.float)
+    for tbe in qebc._emb_modules:  # the TBEs, one per pooling type; their tables in spec order
+        for spec, (weight, scale_shift) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
+            source = tables[spec[0]]
+            if callable(source):
+                quantize_into(weight, scale_shift, precision, source)
+            else:
+                weight.copy_(source["weight"])
+                if scale_shift is not None:
+                    scale_shift.copy_(source["scale_shift"])
+    return qebc
 
 
 # ---- the full tables' id maths ---------------------------------------------------------------------------------
@@ -172,13 +199,13 @@ class SparseParts:
     precision: str
     configs: List[Dict[str, Any]]
     is_weighted: bool
-    tables: Dict[str, Dict[str, Optional[torch.Tensor]]]
+    tables: Dict[str, TableSource]
     layout: Any = None
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     parameters: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def table_bytes(self) -> int:
-        return sum(table_bytes(t) for t in self.tables.values())
+        return sum(table_bytes(t) for t in self.tables.values() if not callable(t))
 
 
 def _form(module: nn.Module) -> str:
@@ -229,6 +256,7 @@ def split_sparse(module: nn.Module, precision: str) -> SparseParts:
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, kind: str) -> None:
+    """Replace ``module``'s buffer or parameter ``name`` by a copy of ``value`` (same dtype and shape)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     current = getattr(owner, leaf, None)
@@ -236,6 +264,7 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, kind: str) ->
         raise ValueError(f"{kind} {name!r}: this code's module has "
                          f"{None if current is None else (current.dtype, list(current.shape))}, the artifact "
                          f"{(value.dtype, list(value.shape))}")
+    value = value.clone()  # own memory: the given tensor may be a view of a memory-mapped artifact
     if kind == "parameter":
         setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
     else:
@@ -249,7 +278,7 @@ def build_sparse(parts: SparseParts, device: torch.device) -> nn.Module:
     check_precision(parts.precision)
     qebc = quantized_ebc(parts.configs, parts.is_weighted, parts.tables, parts.precision, device)
     if parts.form == "full":
-        return ReducedIdsEmbeddingBagCollection(qebc, parts.buffers["rows"].to(device))
+        return ReducedIdsEmbeddingBagCollection(qebc, parts.buffers["rows"].to(device).clone())
     # the method's own module, built on meta (no float table), with the quantized EBC in place of its inner one
     shell: nn.Module = (RemappedEmbeddingBagCollection(parts.layout, device=torch.device("meta")) if parts.form ==
                         "remapped" else MemRecModuleBase(parts.layout, device=torch.device("meta")))

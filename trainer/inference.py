@@ -54,7 +54,8 @@ def read_artifact(path: Union[str, Path]) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"inference artifact {str(path)!r} does not exist; write one with `{EXPORT_COMMAND}`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # memory-mapped: the tables are copied from the file into the kernel's storage, never held twice
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
             AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise ArtifactError(f"{path}: not a readable CompactRec inference artifact ({type(exc).__name__}: "
