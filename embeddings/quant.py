@@ -238,7 +238,7 @@ def split_sparse(module: nn.Module, precision: str) -> SparseParts:
     inner: EmbeddingBagCollection = module if form == "full" else getattr(module, INNER[form])
     configs = [config_dict(c) for c in inner.embedding_bag_configs()]
     check_dims([config_from_dict(c, precision) for c in configs], precision)
-    tables = {}
+    tables: Dict[str, TableSource] = {}
     for c in configs:
         weight: torch.Tensor = inner.embedding_bags[c["name"]].weight.detach()
 

@@ -172,7 +172,13 @@ ROUND_TRIP = {
     "hash": ("hash_small.yaml", []),
     "qr": ("qr_small.yaml", []),
     "lma": ("lma_small.yaml", ["embeddings.options.sample_rows=4000"]),
+    # data-derived rows: hot rows (the most frequent ids' own rows) and full's vocabulary, from the id counts
+    "memrec_hot_rows": ("memrec_small.yaml", ["embeddings.options.budget=0.05", "embeddings.options.hot_share=0.5",
+                                              "embeddings.options.num_token_rows=null",
+                                              "embeddings.options.num_weight_rows=null"]),
+    "full_vocabulary": ("default.yaml", ["embeddings.options.ids=vocabulary"]),
 }
+PREPARED = {"lma", "memrec_hot_rows", "full_vocabulary"}  # need `compactrec prepare` (index, id counts)
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -185,24 +191,30 @@ def test_every_method_round_trips_without_config_or_index(name: str, tiny_datase
 
     preset, extra = ROUND_TRIP[name]
     index = tmp_path / "lma_index.npz"
+    counts = tmp_path / "counts.npz"
     config = load_config(REPO / "configs" / preset, tiny_overrides(tiny_dataset, tmp_path / "run") + extra +
+                         [f"data.counts_path={counts}"] +
                          ([f"embeddings.options.index_path={index}"] if name == "lma" else []))
-    if name == "lma":
+    if name in PREPARED:
         prepare(config)
     info = dataset_info(config)
     torch.manual_seed(0)
-    model, arch = build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"))
+    model, arch = build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"),
+                                  info.id_counts)
     model.eval()
     batch = next(iter(loader.make_batches(config.data, "val", 0, 1)))
     sparse = batch.sparse_features
-    if arch.spec.ids == "table":
+    if arch.ids == "table":
         sparse = reduce_ids(sparse, torch.tensor(info.num_embeddings_per_feature))
     with torch.no_grad():
         want = model(batch.dense_features, sparse).squeeze(-1)
+    buffers = {n for n, _ in arch.module.named_buffers()}
+    assert name != "memrec_hot_rows" or any("hot" in n for n in buffers), buffers  # the case tests what it says
     for precision in ("fp32", "int8"):
         write_artifact(model, arch.module, config, info.feature_names, info.num_embeddings_per_feature, precision,
                        tmp_path / f"{precision}.pt")
-    index.unlink(missing_ok=True)  # LMA: the dictionary is in the artifact
+    index.unlink(missing_ok=True)  # LMA's dictionary, the hot-row keys and the vocabulary are in the artifact
+    counts.unlink(missing_ok=True)
     with torch.no_grad():
         got = load(tmp_path / "fp32.pt")(batch.dense_features, batch.sparse_features)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
