@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from benchmarks.embedding_stage import TB_ROWS, build_lma_index, machine_info, sample_ids, scaled_rows, summary
+from bench_common import machine_info, summary  # benchmarks/ is on sys.path when this file runs as a script
+from embedding_stage import TB_ROWS, sample_ids, scaled_rows
 from embeddings import registry
 from embeddings.quant import (
     BITS,
@@ -52,6 +53,7 @@ from embeddings.quant import (
     config_dict,
 )
 from embeddings.types import SparseArchContext
+from stage_methods import build_lma_index
 from trainer.strict import from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -257,7 +259,7 @@ def run_cell(args: argparse.Namespace, scale: int, precision: str, bandwidth: Di
     if "lma" in methods:
         lma_index = str(lma_dir / f"lma_{scale}.npz")
         if not Path(lma_index).exists():
-            build_lma_index(Path(lma_index), names, rows, dim, "zipf", args.lma_sample_rows)
+            build_lma_index(Path(lma_index), names, rows, "zipf", args.lma_sample_rows, sample_ids)
     built: Dict[str, nn.Module] = {}
     models: Dict[str, nn.Module] = {}
     for name in methods:

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from benchmarks.inference import TB_ROWS, build_method, make_batch, scaled_rows
+from inference import TB_ROWS, build_method, make_batch, scaled_rows  # benchmarks/ is on sys.path as a script
 from embeddings.types import SparseArchContext
 
 
