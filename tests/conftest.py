@@ -15,6 +15,14 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def memrec_rows(token_rows: int = 2000, weight_rows: int | None = None) -> list[str]:
+    """Overrides that size ``configs/memrec_small.yaml`` by rows instead of its byte budget with hot rows (which
+    need the id counts of ``compactrec prepare``): a small, quick MEM-REC for tests of the trainer's mechanics."""
+    out = ["embeddings.options.budget=null", "embeddings.options.hot_share=0", "embeddings.table_sizes=auto",
+           f"embeddings.options.num_token_rows={token_rows}"]
+    return out + ([f"embeddings.options.num_weight_rows={weight_rows}"] if weight_rows is not None else [])
+
+
 def tiny_overrides(path: Path, run_dir: Path) -> list[str]:
     return [
         f"data.path={path}", "data.train_days=[0, 1, 2]", "data.eval_day=3", "data.batch_size=256",

@@ -17,7 +17,7 @@ from typing import List, Optional
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -33,7 +33,7 @@ def _command(data: Path, run: Path, *extra: str) -> List[str]:
     # 15,000 train rows / (2 x 32) = 234 steps in the epoch; a checkpoint every 40 steps
     return [str(BIN / "compactrec"), "train", "configs/memrec_small.yaml", "--nproc", "2",
             *tiny_overrides(data, run), "data.batch_size=32", "training.epochs=1", "training.evals_per_epoch=2",
-            "embeddings.options.num_token_rows=2000", "training.checkpoint_every=40", "training.keep_checkpoints=2",
+            *memrec_rows(2000), "training.checkpoint_every=40", "training.keep_checkpoints=2",
             "training.log_every=50", *extra]
 
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
 from trainer.checkpoint import MARKER, Segment, latest_checkpoint, list_checkpoints, read_metadata, segment_plan
 from trainer.config import load_config
@@ -18,7 +18,7 @@ from trainer.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 # MEM-REC: row-wise sharded token table (fused adagrad state), replicated DDP weight table, dense MLPs (adagrad)
 PRESET = "memrec_small.yaml"
-EXTRA = ["embeddings.options.num_token_rows=2000", "training.evals_per_epoch=2", "data.limit_train_batches=12"]
+EXTRA = memrec_rows(2000) + ["training.evals_per_epoch=2", "data.limit_train_batches=12"]
 
 
 def _local_state(model: Any) -> Dict[str, Any]:

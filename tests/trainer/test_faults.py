@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
 from tests.trainer.test_checkpoint import PRESET, REPO, _assert_same_state, _local_state, _train
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from trainer.config import load_config
 
 # 15,000 train rows / (2 ranks x 256) = 29 steps per epoch; MEM-REC with a row-wise token table
-COMMON = ["embeddings.options.num_token_rows=2000", "training.evals_per_epoch=2", "training.max_steps=20",
+COMMON = [*memrec_rows(2000), "training.evals_per_epoch=2", "training.max_steps=20",
           "training.checkpoint_every=8", "training.keep_checkpoints=3"]
 
 
@@ -95,7 +95,7 @@ def _nan_or_drop(rank: int, world_size: int, overrides: List[str], kind: Optiona
 
 
 def test_nonfinite_skip_rolls_back_and_equals_a_run_without_that_batch(tiny_dataset: Path, tmp_path: Path) -> None:
-    opts = ["training.evals_per_epoch=0", "training.final_test=false", "embeddings.options.num_token_rows=2000",
+    opts = ["training.evals_per_epoch=0", "training.final_test=false", *memrec_rows(2000),
             "training.checkpoint_every=4"]
     skipped = run_multiprocess(_nan_or_drop, 2, args=(
         tiny_overrides(tiny_dataset, tmp_path / "skip") + opts + ["training.max_steps=12",
@@ -112,7 +112,7 @@ def test_nonfinite_skip_rolls_back_and_equals_a_run_without_that_batch(tiny_data
 
 def test_nonfinite_skip_gives_up_after_max_skips(tiny_dataset: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(tiny_dataset, tmp_path / "run") + [
-        "embeddings.options.num_token_rows=2000", "training.evals_per_epoch=0", "training.final_test=false",
+        *memrec_rows(2000), "training.evals_per_epoch=0", "training.final_test=false",
         "training.max_steps=8", "training.checkpoint_every=4", "training.on_nonfinite=skip",
         "training.max_nonfinite_skips=0"]
     with pytest.raises(RuntimeError, match=r"non-finite loss at step 3 .*max_nonfinite_skips"):
@@ -122,7 +122,7 @@ def test_nonfinite_skip_gives_up_after_max_skips(tiny_dataset: Path, tmp_path: P
 def test_resume_auto_starts_fresh_then_continues(tiny_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_dataset, run) + [
-        "embeddings.options.num_token_rows=2000", "training.evals_per_epoch=0", "training.final_test=false",
+        *memrec_rows(2000), "training.evals_per_epoch=0", "training.final_test=false",
         "training.checkpoint_every=2", "training.resume=auto"]
     (first,) = run_multiprocess(_train, 1, args=(overrides + ["training.max_steps=2"],))
     assert first["result"]["steps"] == 2 and first["result"]["samples_per_s"] > 0
@@ -149,7 +149,7 @@ def test_bad_row_in_the_validation_split_saves_the_training_state_first(tiny_dat
     bad[100, 5] = np.inf
     np.save(dense, bad)
     run = tmp_path / "run"
-    overrides = tiny_overrides(data, run) + ["embeddings.options.num_token_rows=2000", "training.evals_per_epoch=2",
+    overrides = tiny_overrides(data, run) + [*memrec_rows(2000), "training.evals_per_epoch=2",
                                              "training.max_steps=20"]  # no checkpoint_every: saved anyway
     with pytest.raises(RuntimeError, match=r"DataError: val data failed at val batch 0 after training step 10 "
                                            r"\(checkpoint written at step 10\).*day_3_dense.npy: row 100 column 5"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
 from trainer.cli import main
 from trainer.config import load_config
@@ -25,7 +25,7 @@ TRAIN = ["training.evals_per_epoch=1", "training.final_test=false", "training.ch
          "data.limit_train_batches=24"]
 PRESETS = {  # preset -> (extra overrides, ranks): full row-wise over 2 ranks, MEM-REC in one
     "default.yaml": (["sharding.default_sharding_types=[row_wise]"], 2),
-    "memrec_small.yaml": (["embeddings.options.num_token_rows=2000", "embeddings.options.num_weight_rows=2000"], 1),
+    "memrec_small.yaml": (memrec_rows(2000, 2000), 1),
 }
 
 
@@ -166,19 +166,18 @@ def test_python_api_takes_raw_ids_by_feature_name(trained: Trained, tmp_path: Pa
 # ---- every method's model, no training: the artifact holds everything it needs ----------------------------
 ROUND_TRIP = {
     "dlrm_dcn_full": ("default.yaml", ["model.arch=dlrm_dcn", "embeddings.options.pooling=mean"]),
-    "memrec_per_sample": ("memrec_small.yaml", ["embeddings.options.granularity=per_sample",
-                                                "embeddings.options.num_token_rows=500"]),
+    "memrec_per_sample": ("memrec_small.yaml", ["embeddings.options.granularity=per_sample", *memrec_rows(500)]),
     "robe": ("robe_small.yaml", []),
     "hash": ("hash_small.yaml", []),
-    "qr": ("qr_small.yaml", []),
+    "qr": ("qr_small.yaml", ["embeddings.options.hot_share=0"]),  # the tiny log's 1/10 holds QR's floor only
     "lma": ("lma_small.yaml", ["embeddings.options.sample_rows=4000"]),
     # data-derived rows: hot rows (the most frequent ids' own rows) and full's vocabulary, from the id counts
     "memrec_hot_rows": ("memrec_small.yaml", ["embeddings.options.budget=0.05", "embeddings.options.hot_share=0.5",
-                                              "embeddings.options.num_token_rows=null",
-                                              "embeddings.options.num_weight_rows=null"]),
+                                              "embeddings.table_sizes=counts"]),
     "full_vocabulary": ("default.yaml", ["embeddings.options.ids=vocabulary"]),
 }
-PREPARED = {"lma", "memrec_hot_rows", "full_vocabulary"}  # need `compactrec prepare` (index, id counts)
+# need `compactrec prepare` (LMA index, id counts for hot rows and table sizes)
+PREPARED = {"lma", "memrec_hot_rows", "full_vocabulary", "robe", "hash", "qr"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -229,7 +228,8 @@ def artifact(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from trainer.export import build_unsharded, write_artifact
 
     tmp = tmp_path_factory.mktemp("artifact")
-    config = load_config(REPO / "configs" / "hash_small.yaml", tiny_overrides(tiny_dataset, tmp / "run"))
+    config = load_config(REPO / "configs" / "hash_small.yaml", tiny_overrides(tiny_dataset, tmp / "run") + [
+        "embeddings.options.hot_share=0", "embeddings.table_sizes=auto"])  # no id counts needed
     info = dataset_info(config)
     model, arch = build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"))
     write_artifact(model, arch.module, config, info.feature_names, info.num_embeddings_per_feature, "int8",

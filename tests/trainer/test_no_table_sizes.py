@@ -12,7 +12,7 @@ import torch
 
 from embeddings import registry
 from embeddings.types import SparseArchContext
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 from trainer.config import load_config
 from trainer.datasets import dataset_info
 
@@ -60,8 +60,7 @@ def test_trainer_runs_without_sizes_and_reports_no_ratio(tiny_dataset: Path, tmp
     manifest.pop("num_embeddings_per_feature")
     (data / "manifest.json").write_text(json.dumps(manifest))
     overrides = tiny_overrides(data, tmp_path / "run")
-    memrec = load_config("configs/memrec_small.yaml", overrides + ["embeddings.options.num_token_rows=500",
-                                                                   "embeddings.options.num_weight_rows=500"])
+    memrec = load_config("configs/memrec_small.yaml", overrides + memrec_rows(500, 500))
     info = dataset_info(memrec)
     assert info.num_embeddings_per_feature is None and info.id_counts is None
     from trainer.distributed import init_distributed

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
 from trainer.config import load_config
 
@@ -33,7 +33,7 @@ CASES = {
     "full-dcn-rowwise-adagrad": ("default.yaml", ["model.arch=dlrm_dcn", "model.dcn_low_rank_dim=16",
                                                   "optimizer.sparse=rowwise_adagrad", "optimizer.sparse_lr=0.1",
                                                   "sharding.default_sharding_types=[row_wise]"]),
-    "memrec": ("memrec_small.yaml", ["embeddings.options.num_token_rows=2000"]),
+    "memrec": ("memrec_small.yaml", memrec_rows(2000)),
 }
 PLACEMENT = {"memrec": "row_wise/fused"}
 
