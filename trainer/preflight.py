@@ -77,7 +77,7 @@ def check_model(config: Config, world_size: int, local_world_size: int) -> None:
 
     info = dataset_info(config)
     arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
-                                                    torch.device("meta"), info.pooling_factors))
+                                                    torch.device("meta"), info.pooling_factors, info.id_counts))
     arch.spec.default_constraints(arch.module, arch.options, TopologyInfo(world_size, local_world_size, "cpu"))
 
 

@@ -94,8 +94,8 @@ def test_missing_lma_index_and_bad_module_options_stop_before_launch(tiny_datase
                                                                       no_launch: List[str]) -> None:
     overrides = tiny_overrides(tiny_dataset, tmp_path / "run")
     index = tmp_path / "none.npz"
-    err = _fails_before_launch(["configs/lma_small.yaml", *overrides, f"embeddings.options.index_path={index}"],
-                               capsys, no_launch)
+    err = _fails_before_launch(["configs/lma_small.yaml", *overrides, f"embeddings.options.index_path={index}",
+                                "embeddings.options.hot_share=0", "embeddings.table_sizes=auto"], capsys, no_launch)
     assert f"LMA index {index} does not exist; build it with `compactrec prepare configs/lma_small.yaml" in err
     err = _fails_before_launch(["configs/robe_small.yaml", *overrides, "embeddings.options.chunk_size=2",
                                 "embeddings.options.hot_share=0", "embeddings.table_sizes=auto"], capsys,

@@ -23,7 +23,9 @@ PRESET = "configs/lma_small.yaml"
 
 def _args(data: Path, tmp: Path, *extra: str) -> List[str]:
     return [PRESET, *tiny_overrides(data, tmp / "run"), f"embeddings.options.index_path={tmp / 'index.npz'}",
-            "embeddings.options.sample_rows=2000", *extra]
+            "embeddings.options.sample_rows=2000",
+            # the index alone (no hot rows, sizes from the manifest): these tests are about its staleness
+            "embeddings.options.hot_share=0", "embeddings.table_sizes=auto", *extra]
 
 
 def test_prepare_builds_lma_index_once(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
