@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin" / "compactrec"
 METHODS = ("full", "full_mod", "hash", "robe", "memrec", "lma", "qr", "lma_values")
 # sparse_lr 0.2 for every method, full included: each improved over 0.1 (the 2-rank preset's value) single-process
-# at global batch 1024, 0.4 was worse (docs/RESULTS.md, "learning rate")
+# at global batch 1024, 0.4 was worse (docs/RESULTS.md 3.6)
 COMMON = ["embeddings.table_sizes=counts", "training.evals_per_epoch=1", "training.final_test=false",
           "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200",
           "optimizer.sparse_lr=0.2"]
