@@ -200,9 +200,12 @@ def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _full_of(rows: List[Dict[str, Any]], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The full model of the same dataset and tag: trained for as many epochs if there is one, else the one
-    trained longest (its 1-epoch AUC is the same evaluation; its best is over its own epochs)."""
+    """The full model of the same dataset and tag (the untagged one where the tag has none: a tag that only
+    changes a method's settings with --set keeps full as it is): trained for as many epochs if there is one,
+    else the one trained longest (its 1-epoch AUC is the same evaluation; its best is over its own epochs)."""
     fulls = [r for r in rows if r["method"] == "full" and r["dataset"] == row["dataset"] and r["tag"] == row["tag"]]
+    if not fulls:
+        fulls = [r for r in rows if r["method"] == "full" and r["dataset"] == row["dataset"] and not r["tag"]]
     same = [r for r in fulls if r["epochs"] == row["epochs"]]
     return (same or sorted(fulls, key=lambda r: -r["epochs"]) or [None])[0]
 
@@ -218,17 +221,18 @@ def delta(row: Dict[str, Any], full: Dict[str, Any], field: str) -> Tuple[float,
 
 
 def markdown(rows: List[Dict[str, Any]], tolerance: float) -> str:
-    lines = ["| dataset | method | budget | hot share | bytes kept (ratio) | optimizer state | val AUC, 1 epoch "
+    lines = ["| dataset | method | budget | hot share | epochs | bytes kept (ratio) | optimizer state | val AUC, 1 epoch "
              "(mean ± std) | Δ AUC vs full (per-seed diff, mean ± std) | logloss, 1 epoch | best of epochs AUC "
              "[epoch] | Δ best vs full's best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=lambda r: (r["dataset"], r["tag"], -r["budget"], r["method"], r["hot"])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["dataset"], r["tag"], -r["budget"], r["method"], r["hot"], r["epochs"])):
         full = _full_of(rows, row)
         d1 = delta(row, full, "auc_1") if full else (float("nan"),) * 3
         db = delta(row, full, "auc_best") if full else (float("nan"),) * 3
         budget = "1" if row["method"] in ("full", "full_mod") else f"1/{round(1 / row['budget'])}"
         lines.append(
             f"| {row['dataset']}{'/' + row['tag'] if row['tag'] else ''} | {row['method']} | {budget} | {row['hot']:g} | "
+            f"{row['epochs']} | "
             f"{row['total_bytes']:,} ({row['compression']:.1f}x) | {row['optimizer_state_bytes']:,} | "
             f"{row['auc_1']:.4f} ± {row['auc_1_std']:.4f} (n={len(row['seeds'])}) | {d1[0]:+.4f} ± {d1[1]:.4f} | "
             f"{row['logloss_1']:.4f} | {row['auc_best']:.4f} {row['best_epochs']} | {db[0]:+.4f} ± {db[1]:.4f} |")
@@ -256,20 +260,30 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({(r["dataset"], r["tag"]) for r in rows})
+    datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 5), squeeze=False)
     colors = {"hash": "C3", "robe": "C2", "memrec": "C0", "lma": "C1", "qr": "C4", "lma_values": "C5"}
-    for ax, (ds, tag) in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == ds and r["tag"] == tag]
-        full = next((r for r in mine if r["method"] == "full"), None)
+    markers = ["o", "s", "^", "D", "v"]
+    for ax, ds in zip(axes[0], datasets):
+        # one point per configuration: the group with the most seeds (a 2-epoch run's epoch 1 is the 1-epoch run)
+        best: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+        for r in rows:
+            key = (r["method"], r["tag"], r["hot"], r["budget"])
+            if r["dataset"] == ds and (key not in best or len(r["seeds"]) > len(best[key]["seeds"])):
+                best[key] = r
+        mine = list(best.values())
+        full = next((r for r in mine if r["method"] == "full" and not r["tag"]), None)
+        tags = sorted({r["tag"] for r in mine})
         for method, color in colors.items():
-            for hot in sorted({r["hot"] for r in mine if r["method"] == method}):
-                pts = sorted((r["total_bytes"], r["auc_1"], r["auc_1_std"]) for r in mine
-                             if r["method"] == method and r["hot"] == hot)
-                if pts:
+            for tag in tags:
+                for hot in sorted({r["hot"] for r in mine if r["method"] == method and r["tag"] == tag}):
+                    pts = sorted((r["total_bytes"], r["auc_1"], r["auc_1_std"]) for r in mine
+                                 if r["method"] == method and r["hot"] == hot and r["tag"] == tag)
                     xs, ys, es = zip(*pts)
-                    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], color=color, capsize=2, marker="o",
-                                ls="-" if hot > 0 else "--", label=f"{method}" + (f" hot {hot:g}" if hot else ""))
+                    label = f"{method}{' ' + tag if tag else ''}" + (f" hot {hot:g}" if hot else "")
+                    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], color=color, capsize=2,
+                                marker=markers[tags.index(tag) % len(markers)], ls="-" if hot > 0 else "--",
+                                label=label)
         if full:
             ax.axhline(full["auc_1"], color="k", lw=1)
             ax.axhspan(full["auc_1"] - 0.001, full["auc_1"], color="k", alpha=0.08)
@@ -278,7 +292,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("bytes kept (parameters + buffers), log scale")
         ax.set_ylabel("val AUC after 1 epoch (mean ± std over seeds)")
-        ax.set_title(f"{ds}{'/' + tag if tag else ''}: quality per byte", fontsize=10)
+        ax.set_title(f"{ds}: quality per byte", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
