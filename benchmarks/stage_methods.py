@@ -3,7 +3,7 @@
 A variant is ``<method>[+<modifier>...]``:
 
 - ``<method>``: ``full``, ``memrec`` (released CriteoTB setting, K = kw = 1), ``memrec_k2`` (K = 2), ``lma``,
-  ``robe``, ``hash``, ``qr``; a ``_fused`` suffix adds ``hash_backend: fused`` (one-pass C hashing).
+  ``robe``, ``robe_c4`` (4 chunks per id: Z = dim / 4), ``hash``, ``qr``; a ``_fused`` suffix adds ``hash_backend: fused`` (one-pass C hashing).
 - ``+weighted``: MEM-REC's weighted lookup with learned weights for every batch (the factored path off).
 - ``+rowwise``: the inner tables row_wise even on one rank (the placement before issue 13; the default is now
   table_wise on a single rank, where row-wise only adds bucketization and a reduce-scatter).
@@ -102,6 +102,8 @@ def _method_options(method: str, shape: str, dim: int, lma_index: Optional[str])
         return "lma", {"memory_fraction": 1 / 16, "chunk_size": dim, "num_hashes": 2, "index_path": lma_index}
     if method == "robe":
         return "robe", {"memory_fraction": 1 / 16, "chunk_size": dim}
+    if method == "robe_c4":  # 4 chunks per id (Z = dim / 4): the quality protocol's best at 1/100 and 1/1000
+        return "robe", {"memory_fraction": 1 / 16, "chunk_size": dim // 4}
     if method == "hash":
         return "hash", {"memory_fraction": 1 / 16}
     if method == "qr":

@@ -13,8 +13,8 @@ import pytest
 from trainer import cli, launcher
 from trainer.config import load_config
 
-PRESETS = {"configs/kaggle_10x.yaml": ("hash", 0.1, 0.5), "configs/kaggle_100x.yaml": ("memrec", 0.01, 0.5),
-           "configs/kaggle_1000x.yaml": ("memrec", 0.001, 0.0)}
+PRESETS = {"configs/kaggle_10x.yaml": ("hash", 0.1, 0.5), "configs/kaggle_100x.yaml": ("robe", 0.01, 0.5),
+           "configs/kaggle_1000x.yaml": ("robe", 0.001, 0.0)}
 
 
 @pytest.fixture(scope="module")
