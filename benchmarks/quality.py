@@ -288,7 +288,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
             ax.axhline(full["auc_1"], color="k", lw=1)
             ax.axhspan(full["auc_1"] - 0.001, full["auc_1"], color="k", alpha=0.08)
             ax.annotate(f"full {full['auc_1']:.4f} ({full['total_bytes'] / 2**20:.1f} MiB)",
-                        (ax.get_xlim()[0], full["auc_1"]), fontsize=7, va="bottom")
+                        xy=(0.01, full["auc_1"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
         ax.set_xscale("log")
         ax.set_xlabel("bytes kept (parameters + buffers), log scale")
         ax.set_ylabel("val AUC after 1 epoch (mean ± std over seeds)")
