@@ -274,16 +274,15 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         mine = list(best.values())
         full = next((r for r in mine if r["method"] == "full" and not r["tag"]), None)
         tags = sorted({r["tag"] for r in mine})
-        for method, color in colors.items():
-            for tag in tags:
-                for hot in sorted({r["hot"] for r in mine if r["method"] == method and r["tag"] == tag}):
-                    pts = sorted((r["total_bytes"], r["auc_1"], r["auc_1_std"]) for r in mine
-                                 if r["method"] == method and r["hot"] == hot and r["tag"] == tag)
-                    xs, ys, es = zip(*pts)
-                    label = f"{method}{' ' + tag if tag else ''}" + (f" hot {hot:g}" if hot else "")
-                    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], color=color, capsize=2,
-                                marker=markers[tags.index(tag) % len(markers)], ls="-" if hot > 0 else "--",
-                                label=label)
+        series: Dict[Tuple[str, str, float], List[Dict[str, Any]]] = {}
+        for r in mine:
+            if r["method"] in colors:
+                series.setdefault((r["method"], r["tag"], r["hot"]), []).append(r)
+        for (method, tag, hot), rs in sorted(series.items(), key=lambda kv: (list(colors).index(kv[0][0]), kv[0][1:])):
+            xs, ys, es = zip(*sorted((r["total_bytes"], r["auc_1"], r["auc_1_std"]) for r in rs))
+            label = f"{method}{' ' + tag if tag else ''}" + (f" hot {hot:g}" if hot else "")
+            ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], color=colors[method], capsize=2,
+                        marker=markers[tags.index(tag) % len(markers)], ls="-" if hot > 0 else "--", label=label)
         if full:
             ax.axhline(full["auc_1"], color="k", lw=1)
             ax.axhspan(full["auc_1"] - 0.001, full["auc_1"], color="k", alpha=0.08)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from trainer.config import Config
 from trainer.data import loader
 from trainer.data.check import check_split_files
+
+if TYPE_CHECKING:
+    from trainer.datasets import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +70,14 @@ def train_steps(config: Config, world_size: int, rows: int) -> StepBudget:
     return StepBudget(steps_per_epoch, total, warning)
 
 
-def check_model(config: Config, world_size: int, local_world_size: int) -> None:
-    """Build the embedding module on ``meta`` (no memory, no data read) and its default placement."""
+def check_model(config: Config, info: DatasetInfo, world_size: int, local_world_size: int) -> None:
+    """Build the embedding module on ``meta`` (no memory, no data read) and its default placement, from the
+    dataset's names, sizes and id counts as ``dataset_info`` loaded them."""
     import torch
 
     from embeddings.types import TopologyInfo
-    from trainer.datasets import dataset_info
     from trainer.model import build_sparse_arch, sparse_context
 
-    info = dataset_info(config)
     arch = build_sparse_arch(config, sparse_context(config, info.feature_names, info.num_embeddings_per_feature,
                                                     torch.device("meta"), info.pooling_factors, info.id_counts))
     arch.spec.default_constraints(arch.module, arch.options, TopologyInfo(world_size, local_world_size, "cpu"))
@@ -86,11 +88,11 @@ def preflight(config: Config, world_size: int, local_world_size: int, rebuild_co
     from trainer.datasets import dataset_info
     from trainer.prepare import check_prepared
 
-    dataset_info(config)  # the data directory exists; table sizes from the config or the manifest
+    info = dataset_info(config)  # the data directory exists; table sizes; the id counts where the config needs them
     check_split_files(config.data, "train")
     check_split_files(config.data, "val")  # val and test are halves of the evaluation day
     check_prepared(config, rebuild_command)
-    check_model(config, world_size, local_world_size)
+    check_model(config, info, world_size, local_world_size)
     warnings: List[str] = []
     if config.data.format != "tsv":  # counting TSV rows is a pass over the data: the workers do it
         budget = train_steps(config, world_size, loader.count_rows(config.data, "train"))
