@@ -17,7 +17,7 @@ For every method config (``configs/default.yaml`` = full tables, ``configs/<meth
    the run's own training batches (rank 0's shard of the first ``--transform-batches``). Share = that median
    / the step time (global batch / samples_per_s).
 
-``<method>_fused`` variants add ``embeddings.options.hash_backend=fused`` (see ``embeddings.fused_hash``);
+``<method>_fused`` variants add ``embeddings.options.hash_backend=fused`` (see ``embeddings.ops.salted_hash``);
 ``<method>+offer`` adds ``sharding.offer_data_parallel=true`` (the planner picks row-wise or replicated tables by its
 cost model); ``memrec...+dp`` forces MEM-REC's token table data_parallel. Each run records the placement the planner gave every table (``metrics.json``). Results are written
 after every run; ``--resume`` keeps the runs already in ``--out``.json and runs the rest.
@@ -116,9 +116,9 @@ def time_transform(method: str, args: argparse.Namespace) -> Dict[str, Any]:
     """Median ms of the method's id transform on rank 0's first training batches, 1 thread."""
     from trainer.config import load_config
     from trainer.data.loader import make_batches
-    from trainer.datasets import dataset_info
-    from trainer.ids import reduce_ids
-    from trainer.model import build_sparse_arch, sparse_context
+    from trainer.prepare.dataset_info import dataset_info
+    from trainer.train.ids import reduce_ids
+    from trainer.train.model import build_sparse_arch, sparse_context
 
     base = parse_method(method)[0]
     config = load_config(REPO / CONFIGS[base], overrides_for(method, Path(args.runs_root) / "unused", args.steps))

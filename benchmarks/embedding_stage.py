@@ -1,7 +1,7 @@
 """Embedding-stage benchmark (issues 6, 13): full vs memrec vs lma vs robe/hash/qr, single process, CPU.
 
 Every method is built through the registry exactly as the trainer builds it (``registry.get(kind).build``)
-on ``meta``, its fused sparse optimizer is attached with ``trainer.optim.apply_sparse_optimizer`` (fused
+on ``meta``, its fused sparse optimizer is attached with ``trainer.train.optim.apply_sparse_optimizer`` (fused
 SGD in fbgemm's TBE backward, as in training) and it is wrapped by TorchRec's ``DistributedModelParallel``
 with world size 1 (gloo, CPU) and the method's own sharders/constraints - i.e. the same fbgemm CPU TBE
 kernels and remapping code the trainer runs, without any communication cost. Variants and modifiers

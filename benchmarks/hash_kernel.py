@@ -1,6 +1,6 @@
-"""Id hashing alone: the torch int64 ops vs the fused C kernel (``embeddings.fused_hash``), same bits.
+"""Id hashing alone: the torch int64 ops vs the fused C kernel (``embeddings.ops.salted_hash``), same bits.
 
-Times ``embeddings.hashing.salted_hash`` on ``--batch`` x 26 one-hot ids (CriteoTB feature count) for the three
+Times ``embeddings.id_hash.salted_hash`` on ``--batch`` x 26 one-hot ids (CriteoTB feature count) for the three
 forms the methods use: one modulus (MEM-REC rows), a per-feature modulus (hash / ROBE / QR rows) and the raw
 64-bit hash (LMA keys); median [p10, p90] over ``--repeats`` calls, for each thread count in ``--threads``.
 
@@ -19,9 +19,10 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-from embeddings import fused_hash
-from embeddings.chunked import wrap_of
-from embeddings.hashing import hash_salt, salted_hash
+from embeddings.ops import salted_hash as fused_hash
+from embeddings.remap import wrap_of
+from embeddings.hashing import hash_salt
+from embeddings.id_hash import salted_hash
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> Dict[str, float]:

@@ -86,7 +86,7 @@ def available_gib() -> float:
 # ---------------------------------------------------------------------------------------------- building
 def build_method(name: str, ctx: SparseArchContext, precision: str, lma_index: Optional[str]) -> Tuple[nn.Module, Any]:
     """The method's inference module with random rows, built without any float table, and its SparseArch."""
-    from trainer.model import SparseArch
+    from trainer.train.model import SparseArch
 
     kind, opts = METHODS[name]
     spec = registry.get(kind)
@@ -121,7 +121,7 @@ def build_model(arch: Any, model_arch: str) -> nn.Module:
     (``dlrm``: MLPerf v1's dot interaction, where MEM-REC measured; ``dlrm_dcn``: DLRMv2); MEM-REC per sample
     brings its own head (the released code's concatenation)."""
     from trainer.config import load_config
-    from trainer.model import build_dlrm
+    from trainer.train.model import build_dlrm
 
     config = load_config(CONFIGS / "criteo_tb_dlrmv2.yaml", [f"model.arch={model_arch}"])
     return build_dlrm(config, arch, torch.device("cpu")).eval()

@@ -35,8 +35,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings import registry
 from embeddings.types import SparseArchContext, TopologyInfo
 from trainer.config import OptimizerConfig
-from trainer.optim import apply_sparse_optimizer
+from trainer.train.optim import apply_sparse_optimizer
 from trainer.strict import from_dict
+from sharding.sharders import sharders_for
 
 FUSED_SUFFIX = "_fused"
 MODIFIERS = ("weighted", "rowwise", "dp", "b100", "hot")
@@ -114,7 +115,7 @@ def _method_options(method: str, shape: str, dim: int, lma_index: Optional[str])
 def build_lma_index(path: Path, names: Sequence[str], rows: Sequence[int], dist_name: str, sample_rows: int,
                     sample_ids: Any, seed: int = 0) -> None:
     """An index artifact from ``sample_rows`` synthetic rows (same id law as the benchmark batches), built
-    with the trainer's accumulator (``trainer.lma_index.build_lma_index`` minus the data loader)."""
+    with the trainer's accumulator (``trainer.prepare.lma_index_build.build_lma_index`` minus the data loader)."""
     from embeddings.hashing import mix64
     from embeddings.lma_index import IndexHeader, LmaIndex, save_index
     from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, key_salts, row_ranks
@@ -172,7 +173,7 @@ def build_dmp(method: str, opts: Dict[str, Any], ctx: SparseArchContext, lr: flo
     module = spec.build(ctx, options)
     mem = spec.memory(module, ctx, options, "sgd")
     apply_sparse_optimizer(module, OptimizerConfig(sparse="sgd", sparse_lr=lr))
-    sharders = spec.sharders(options)
+    sharders = sharders_for(module)
     constraints = spec.default_constraints(module, options, TopologyInfo(1, 1, "cpu"))
     _placement(constraints, variant.modifiers)
     model = Wrapper(module)

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict
 
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embeddings import registry
-from embeddings.chunked import RemappedEmbeddingBagCollection
+from embeddings.remap import RemappedEmbeddingBagCollection
 from embeddings.hashing_trick import HashLayout, HashOptions
 from embeddings.hot_rows import HotSet
 from embeddings.types import (
@@ -38,7 +36,6 @@ from embeddings.types import (
     optimizer_state_bytes,
     table_memory,
 )
-from sharding.ebc import RowWiseCapableEBCSharder
 
 
 logger = logging.getLogger(__name__)
@@ -111,14 +108,6 @@ class VocabularyEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 
-def sharders(options: FullOptions) -> List[ModuleSharder[nn.Module]]:
-    if options.ids == "vocabulary":
-        from sharding.full import VocabularyEmbeddingBagCollectionSharder
-
-        return [VocabularyEmbeddingBagCollectionSharder()]
-    return [RowWiseCapableEBCSharder()]
-
-
 def default_constraints(
     module: nn.Module, options: FullOptions, topology: TopologyInfo
 ) -> Dict[str, ParameterConstraints]:
@@ -127,7 +116,7 @@ def default_constraints(
 
 def memory(module: nn.Module, ctx: SparseArchContext, options: FullOptions, sparse_optimizer: str) -> MemoryReport:
     if options.ids == "vocabulary":
-        from embeddings.chunked import remapped_memory
+        from embeddings.remap import remapped_memory
 
         return remapped_memory(module, ctx, sparse_optimizer)
     tables = [table_memory(name, p, "parameter") for name, p in module.named_parameters()]
@@ -136,16 +125,13 @@ def memory(module: nn.Module, ctx: SparseArchContext, options: FullOptions, spar
     return MemoryReport(tables=tables, optimizer_state_bytes=state, full_table_bytes=full_table_bytes(ctx))
 
 
-SPEC = registry.register(
-    SparseArchSpec(
-        name="full",
-        options_type=FullOptions,
-        build=build,
-        sharders=sharders,
-        default_constraints=default_constraints,
-        memory=memory,
-        ids="table",
-        description="plain EmbeddingBagCollection, one table per feature (the uncompressed reference)",
-        ids_for=lambda options: "raw" if options.ids == "vocabulary" else "table",
-    )
+SPEC = SparseArchSpec(
+    name="full",
+    options_type=FullOptions,
+    build=build,
+    default_constraints=default_constraints,
+    memory=memory,
+    ids="table",
+    description="plain EmbeddingBagCollection, one table per feature (the uncompressed reference)",
+    ids_for=lambda options: "raw" if options.ids == "vocabulary" else "table",
 )

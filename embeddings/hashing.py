@@ -23,7 +23,7 @@ token and weight hashes) give them distinct ``k``.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -112,45 +112,3 @@ def _check_buckets(num_buckets: int) -> None:
 
 
 HASH_BACKENDS = ("torch", "fused")
-
-
-def salted_hash(
-    values: torch.Tensor,
-    feature: torch.Tensor,
-    salts: torch.Tensor,
-    num_buckets: Optional[int] = None,
-    rows: Optional[torch.Tensor] = None,
-    wrap: Optional[torch.Tensor] = None,
-    backend: str = "torch",
-) -> torch.Tensor:
-    """The salted id hash every hashed method runs: ``mix64(values ^ salts[feature])``, optionally read as
-    unsigned and reduced mod ``num_buckets`` (one int) or mod ``rows[feature]`` (per-feature moduli
-    ``rows`` [F] in [1, 2**62], with ``wrap = 2**64 mod rows``, see ``embeddings.chunked.wrap_of``).
-
-    ``salts`` is [F] (one salt per feature: result [N]) or [F, H] (H salts per feature: result [N, H]);
-    ``feature`` [N] is each value's feature index. ``backend="fused"`` calls the registered operator
-    ``compactrec::salted_hash`` (``embeddings.fused_hash``: one C++ pass on CPU where it builds, these torch
-    ops elsewhere); both backends give the same bits.
-    """
-    if num_buckets is not None and rows is not None:
-        raise ValueError("give num_buckets or rows, not both")
-    if backend == "fused":
-        from embeddings import fused_hash
-
-        out = fused_hash.salted_hash(values, feature, salts, num_buckets if rows is None else rows)
-        return out.view(-1) if salts.dim() == 1 else out
-    if backend != "torch":
-        raise ValueError(f"hash backend must be one of {HASH_BACKENDS}, got {backend!r}")
-    ids = values if salts.dim() == 1 else values[:, None]
-    h = mix64(ids ^ salts[feature])
-    if num_buckets is not None:
-        return unsigned_mod(h, num_buckets)
-    if rows is not None:
-        if wrap is None:
-            raise ValueError("rows needs wrap = 2**64 mod rows")
-        n, w = rows[feature], wrap[feature]
-        if salts.dim() == 2:
-            n, w = n[:, None], w[:, None]
-        r = torch.remainder(h, n)
-        return torch.where(h < 0, torch.remainder(r + w, n), r)
-    return h

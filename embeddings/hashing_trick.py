@@ -22,9 +22,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings import registry
 from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
-from embeddings.chunked import (
+from embeddings.remap import (
     DEFAULT_MEMORY_FRACTION,
     POOLINGS,
     Aux,
@@ -41,7 +40,8 @@ from embeddings.chunked import (
     where,
     wrap_of,
 )
-from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
+from embeddings.hashing import HASH_BACKENDS, hash_salt
+from embeddings.id_hash import salted_hash
 from embeddings.hot_rows import HotLookup, hot_bytes
 from embeddings.types import SparseArchContext
 
@@ -162,7 +162,7 @@ class HashedEmbeddingBagCollection(RemappedEmbeddingBagCollection):
                          ctx.all_pooling_factors())
 
 
-SPEC = registry.register(remapped_spec(
-    "hash", HashOptions, HashedEmbeddingBagCollection, "sharding.hashing_trick:HashedEmbeddingBagCollectionSharder",
+SPEC = remapped_spec(
+    "hash", HashOptions, HashedEmbeddingBagCollection,
     "hashing trick: raw ids hashed into a smaller table per feature",
-))
+)

@@ -7,7 +7,7 @@ occurs in - mixed with ``c`` and the seed (``embeddings.lma_minhash``), so value
 memory with probability ~Jaccard**K and others collide only at random (~1/rows).
 
 The minhash signatures come from an index artifact (``embeddings.lma_index``) built by
-``compactrec lma-index CONFIG`` (``trainer.lma_index``) and named by ``embeddings.options.index_path``. At
+``compactrec lma-index CONFIG`` (``trainer.prepare.lma_index_build``) and named by ``embeddings.options.index_path``. At
 build the module checks the artifact against the config (format version, seed, K, chunks, features) and
 derives each indexed value's C int32 rows for the configured memory size; it keeps them with the sorted
 value keys as replicated buffers - ``V * (8 + 4 C)`` bytes, counted in the memory report - and looks ids up
@@ -26,9 +26,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from embeddings import registry
 from embeddings.budget import budget_bytes
-from embeddings.chunked import (
+from embeddings.remap import (
     RemappedEmbeddingBagCollection,
     check_choice,
     check_int,
@@ -36,11 +35,11 @@ from embeddings.chunked import (
     where,
     wrap_of,
 )
-from embeddings.hashing import salted_hash
+from embeddings.id_hash import salted_hash
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
 from embeddings.hot_rows import HotSet, hot_bytes
 from embeddings.lma_minhash import SEMANTIC_SETS, KEY_SEED, chunk_addresses, key_salts, value_keys
-from embeddings.robe import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
+from embeddings.chunk_table import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
 from embeddings.types import SparseArchContext
 
 MAX_ROWS = (1 << 31) - 1  # rows are kept as int32
@@ -49,7 +48,7 @@ MAX_ROWS = (1 << 31) - 1  # rows are kept as int32
 @dataclass
 class LmaOptions(ChunkedOptions):
     """LMA options: the chunk-table options (``memory_fraction``/``num_rows``, ``chunk_size``,
-    ``feature_groups``, ``pooling``, ``seed``; see ``embeddings.robe.ChunkedOptions``) plus:
+    ``feature_groups``, ``pooling``, ``seed``; see ``embeddings.chunk_table.ChunkedOptions``) plus:
 
     - ``num_hashes`` (K): minhashes per chunk; two values share a chunk with probability ~Jaccard**K.
     - ``index_path``: the artifact of ``compactrec lma-index`` (required to build the module).
@@ -209,7 +208,7 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 
-SPEC = registry.register(remapped_spec(
-    "lma", LmaOptions, LmaEmbeddingBagCollection, "sharding.lma:LmaEmbeddingBagCollectionSharder",
+SPEC = remapped_spec(
+    "lma", LmaOptions, LmaEmbeddingBagCollection,
     "LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
-))
+)

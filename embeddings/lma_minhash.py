@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from embeddings.chunked import unsigned_mod_rows
+from embeddings.remap import unsigned_mod_rows
 from embeddings.hashing import hash64, hash_salt, mix64
 
 KEY_SEED = 0x4C4D414B4559  # "LMAKEY"

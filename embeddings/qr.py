@@ -40,9 +40,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings import registry
 from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot
-from embeddings.chunked import (
+from embeddings.remap import (
     POOLINGS,
     Aux,
     RemapLayout,
@@ -55,7 +54,8 @@ from embeddings.chunked import (
     uniform_init,
     wrap_of,
 )
-from embeddings.hashing import HASH_BACKENDS, hash_salt, salted_hash
+from embeddings.hashing import HASH_BACKENDS, hash_salt
+from embeddings.id_hash import salted_hash
 from embeddings.hot_rows import HotLookup, hot_bytes
 from embeddings.types import SparseArchContext
 
@@ -234,7 +234,7 @@ class QREmbeddingBagCollection(RemappedEmbeddingBagCollection):
                          ctx.all_pooling_factors())
 
 
-SPEC = registry.register(remapped_spec(
-    "qr", QrOptions, QREmbeddingBagCollection, "sharding.qr:QREmbeddingBagCollectionSharder",
+SPEC = remapped_spec(
+    "qr", QrOptions, QREmbeddingBagCollection,
     "quotient-remainder trick: W_q[y div c] * W_r[y mod c] per id (Shi et al. 2020)",
-))
+)

@@ -11,7 +11,7 @@ integer types). Anything the layout keeps as a buffer (salts, the LMA dictionary
 unchanged, so a method's whole behaviour carries over and only the table precision changes.
 
 :func:`split_sparse` takes a trained (float) sparse module apart into :class:`SparseParts` - plain tensors, the
-layout object and table configs, what an artifact stores (``trainer.export``) - and :func:`build_sparse` puts
+layout object and table configs, what an artifact stores (``trainer.serve.export``) - and :func:`build_sparse` puts
 the inference module together from them on any device, without building a float table.
 """
 
@@ -30,8 +30,8 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.types import DataType
 
-from embeddings.chunked import RemappedEmbeddingBagCollection
-from embeddings.memrec_module import MemRecModuleBase
+from embeddings.remap import RemappedEmbeddingBagCollection
+from embeddings.memrec.module import MemRecModuleBase
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def quantized_ebc(configs: List[Dict[str, Any]], is_weighted: bool, tables: Mapp
 # ---- the full tables' id maths ---------------------------------------------------------------------------------
 class ReducedIdsEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """``full`` at inference: raw int64 ids reduced ``id mod rows`` per feature (as the training data path does,
-    ``trainer.ids``), then TorchRec's quantized EBC. Raw ids in, like every other method's inference module."""
+    ``trainer.train.ids``), then TorchRec's quantized EBC. Raw ids in, like every other method's inference module."""
 
     def __init__(self, ebc: QuantEmbeddingBagCollection, rows: torch.Tensor) -> None:
         super().__init__()

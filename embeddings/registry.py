@@ -1,7 +1,8 @@
 """Registry of sparse-arch methods: the trainer picks one by ``embeddings.kind``.
 
-Methods register themselves at import of their module; :func:`get` imports the built-in ones lazily so
-importing the registry stays cheap and has no cycles.
+A built-in method's module defines its ``SPEC`` and imports nothing of the registry; :func:`get` imports it on
+first use and registers that spec, so importing the registry stays cheap and has no cycles. A method from
+outside the package calls :func:`register` (the config's ``embeddings.plugins`` names the modules to import).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from embeddings.types import SparseArchSpec
 
 _REGISTRY: Dict[str, SparseArchSpec] = {}
 
-# name -> module that registers it (imported on first lookup)
+# name -> module whose SPEC it is (imported on first lookup)
 _BUILTIN_MODULES: Dict[str, str] = {
     "full": "embeddings.full",
     "memrec": "embeddings.memrec",
@@ -36,7 +37,7 @@ def register(spec: SparseArchSpec) -> SparseArchSpec:
 def _load_builtin(name: str) -> None:
     module = _BUILTIN_MODULES.get(name)
     if module is not None and name not in _REGISTRY:
-        importlib.import_module(module)
+        register(importlib.import_module(module).SPEC)
 
 
 def get(name: str) -> SparseArchSpec:
@@ -50,8 +51,3 @@ def get(name: str) -> SparseArchSpec:
 def names() -> List[str]:
     """All known method names (built-in ones whether or not imported yet)."""
     return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
-
-
-def register_builtin(name: str, module: str) -> None:
-    """Declare where a built-in method lives (used by packages adding methods lazily)."""
-    _BUILTIN_MODULES[name] = module

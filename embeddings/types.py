@@ -2,19 +2,19 @@
 
 A method (``full``, ``memrec``, ``lma``, ...) is registered once as a :class:`SparseArchSpec`; the trainer
 only talks to that spec. Adding a method therefore never changes the trainer: it registers a module
-builder, its options dataclass, its sharders and its default placement.
+builder, its options dataclass and its default placement; its sharders are registered by module type on the
+sharded side (``sharding.registry``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder
 
 if TYPE_CHECKING:
     from embeddings.id_counts import IdCounts
@@ -148,7 +148,6 @@ class MemoryReport:
 
 
 BuildFn = Callable[[SparseArchContext, Any], nn.Module]
-ShardersFn = Callable[[Any], List[ModuleSharder[nn.Module]]]
 ConstraintsFn = Callable[[nn.Module, Any, TopologyInfo], Dict[str, ParameterConstraints]]
 MemoryFn = Callable[[nn.Module, SparseArchContext, Any, str], MemoryReport]
 # returns a model class taking (embedding_bag_collection, dense_in_features, dense_arch_layer_sizes,
@@ -164,7 +163,6 @@ class SparseArchSpec:
     - ``build(ctx, options)``: returns a module with TorchRec's EmbeddingBagCollection interface
       (KJT in, KeyedTensor out, ``embedding_bag_configs()``, ``is_weighted()``); built on ``ctx.device``
       which may be ``meta`` (planning) - the module must then not touch data.
-    - ``sharders(options)``: sharders for the module (passed to both the planner and DMP).
     - ``default_constraints(module, options, topology)``: planner constraints keyed by the names that
       the sharders' ``shardable_parameters()`` return; config overrides are applied on top.
     - ``memory(module, ctx, options, sparse_optimizer)``: exact bytes kept, see :class:`MemoryReport`.
@@ -178,7 +176,6 @@ class SparseArchSpec:
     name: str
     options_type: type
     build: BuildFn
-    sharders: ShardersFn
     default_constraints: ConstraintsFn
     memory: MemoryFn
     ids: str = "raw"
@@ -205,13 +202,6 @@ class SparseArchSpec:
         return bool(getattr(options, "needs_id_counts", False))
 
 
-@dataclass
-class RegistryView:
-    """Read-only snapshot used in error messages and ``compactrec --help``."""
-
-    names: List[str] = field(default_factory=list)
-
-
 def optimizer_state_bytes(rows: int, cols: int, optimizer: str) -> int:
     """Bytes of fused optimizer state for one fp32 table of ``rows x cols`` under ``optimizer``."""
     if optimizer == "sgd":
@@ -236,5 +226,3 @@ def full_table_bytes(ctx: SparseArchContext) -> Optional[int]:
         return None
     return sum(int(n) for n in ctx.num_embeddings_per_feature) * ctx.embedding_dim * 4
 
-
-Options = Mapping[str, Any]

@@ -83,7 +83,7 @@ def train(
 ) -> specs.AppDef:
     """CompactRec distributed training (DLRM / DLRM-DCN with full, MEM-REC, LMA or baseline tables).
 
-    Runs ``python -m trainer.cli train CONFIG OVERRIDES`` on every worker under torchrun: gloo on CPU
+    Runs ``python -m trainer.commands.cli train CONFIG OVERRIDES`` on every worker under torchrun: gloo on CPU
     workers, NCCL on GPU workers.
 
     Args:
@@ -125,7 +125,7 @@ def train(
     run_env.update(env or {})
     app = dist.ddp(
         "train", config, *overrides,
-        m="trainer.cli",
+        m="trainer.commands.cli",
         image=image,
         name=name,
         h=h,

@@ -14,6 +14,9 @@ from torch import nn
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ParameterSharding, QuantizedCommCodecs, ShardingEnv, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from sharding.registry import register_sharder
 
 ALL_SHARDING_TYPES: List[str] = [
     ShardingType.DATA_PARALLEL.value,
@@ -70,3 +73,6 @@ class InnerEBCSharder(BaseEmbeddingSharder[M]):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
+
+
+register_sharder(EmbeddingBagCollection, RowWiseCapableEBCSharder)

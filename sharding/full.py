@@ -1,5 +1,5 @@
 """Sharder of ``embeddings.full.VocabularyEmbeddingBagCollection`` (full tables over a vocabulary of raw ids;
-sharded module: ``sharding.chunked``). The ``mod`` form of ``full`` is a stock EmbeddingBagCollection, sharded by
+sharded module: ``sharding.remap``). The ``mod`` form of ``full`` is a stock EmbeddingBagCollection, sharded by
 ``sharding.ebc.RowWiseCapableEBCSharder``."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Type
 
 from embeddings.full import VocabularyEmbeddingBagCollection
-from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+from sharding.registry import register_sharder
+from sharding.remap import RemappedEmbeddingBagCollectionSharder
 
 
 class VocabularyEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
@@ -16,3 +17,6 @@ class VocabularyEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionShar
     @property
     def module_type(self) -> Type[VocabularyEmbeddingBagCollection]:  # type: ignore[override]
         return VocabularyEmbeddingBagCollection
+
+
+register_sharder(VocabularyEmbeddingBagCollection, VocabularyEmbeddingBagCollectionSharder)

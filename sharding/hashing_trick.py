@@ -1,11 +1,12 @@
-"""Sharder of ``embeddings.hashing_trick.HashedEmbeddingBagCollection`` (sharded module: ``sharding.chunked``)."""
+"""Sharder of ``embeddings.hashing_trick.HashedEmbeddingBagCollection`` (sharded module: ``sharding.remap``)."""
 
 from __future__ import annotations
 
 from typing import Type
 
 from embeddings.hashing_trick import HashedEmbeddingBagCollection
-from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+from sharding.registry import register_sharder
+from sharding.remap import RemappedEmbeddingBagCollectionSharder
 
 
 class HashedEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
@@ -14,3 +15,6 @@ class HashedEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder)
     @property
     def module_type(self) -> Type[HashedEmbeddingBagCollection]:  # type: ignore[override]
         return HashedEmbeddingBagCollection
+
+
+register_sharder(HashedEmbeddingBagCollection, HashedEmbeddingBagCollectionSharder)

@@ -1,4 +1,4 @@
-"""Sharder of ``embeddings.lma.LmaEmbeddingBagCollection`` (sharded module: ``sharding.chunked``).
+"""Sharder of ``embeddings.lma.LmaEmbeddingBagCollection`` (sharded module: ``sharding.remap``).
 
 The shared ``[rows, Z]`` array(s) are sharded row-wise by TorchRec's EBC sharder (fused TBE, optimizer in
 backward); the minhash dictionary (sorted value keys + per-chunk rows) is a replicated buffer that the
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Type
 
 from embeddings.lma import LmaEmbeddingBagCollection
-from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+from sharding.registry import register_sharder
+from sharding.remap import RemappedEmbeddingBagCollectionSharder
 
 
 class LmaEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
@@ -20,3 +21,6 @@ class LmaEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
     @property
     def module_type(self) -> Type[LmaEmbeddingBagCollection]:  # type: ignore[override]
         return LmaEmbeddingBagCollection
+
+
+register_sharder(LmaEmbeddingBagCollection, LmaEmbeddingBagCollectionSharder)

@@ -20,7 +20,7 @@ The weight table is a dense replicated parameter, like an MLP weight or the posi
 for them (row_wise, table_wise, data_parallel, ...) is valid: a stock ``EmbeddingShardingPlanner`` needs no
 constraints. Nothing here is device specific (CPU/gloo and CUDA/NCCL run the same code).
 
-Factored training path (``embeddings.memrec_factored``): when every bag's lookups share one weight row (one-hot
+Factored training path (``embeddings.memrec.factored``): when every bag's lookups share one weight row (one-hot
 data with kw = 1) on every rank, and the lookups run on CPU, ``compute`` weights the lookups with the detached
 alphas and turns off fbgemm's per-lookup weight gradient (``sharding.tbe_weight_grad``), and ``output_dist``
 gives the weight table its gradient from the pooled outputs. Every rank takes the same path (one scalar
@@ -47,7 +47,7 @@ from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterShardi
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.memrec_factored import (
+from embeddings.memrec.factored import (
     FactoredBags,
     bag_alpha,
     factor_bags,
@@ -56,10 +56,11 @@ from embeddings.memrec_factored import (
     lookup_weight_table,
     weight_grad_from_outputs,
 )
-from embeddings.memrec_layout import MemRecAux, init_weight_table, with_values
-from embeddings.memrec_module import MemRecEmbeddingBagCollection, MemRecModuleBase
-from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
+from embeddings.memrec.layout import MemRecAux, init_weight_table, with_values
+from embeddings.memrec.module import MemRecEmbeddingBagCollection, MemRecModuleBase
+from embeddings.memrec.per_sample import MemRecPerSampleEmbeddingBag
 from sharding.ebc import InnerEBCSharder
+from sharding.registry import register_sharder
 from sharding.tbe_weight_grad import WeightGradSwitch, sharded_ebc_lookups
 
 TOKEN_EBC = "token_ebc"
@@ -269,3 +270,7 @@ class MemRecPerSampleEmbeddingBagSharder(MemRecEmbeddingBagCollectionSharder):
     @property
     def module_type(self) -> Type[MemRecPerSampleEmbeddingBag]:  # type: ignore[override]
         return MemRecPerSampleEmbeddingBag
+
+
+register_sharder(MemRecEmbeddingBagCollection, MemRecEmbeddingBagCollectionSharder)
+register_sharder(MemRecPerSampleEmbeddingBag, MemRecPerSampleEmbeddingBagSharder)

@@ -1,11 +1,12 @@
-"""Sharder of ``embeddings.qr.QREmbeddingBagCollection`` (sharded module: ``sharding.chunked``)."""
+"""Sharder of ``embeddings.qr.QREmbeddingBagCollection`` (sharded module: ``sharding.remap``)."""
 
 from __future__ import annotations
 
 from typing import Type
 
 from embeddings.qr import QREmbeddingBagCollection
-from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+from sharding.registry import register_sharder
+from sharding.remap import RemappedEmbeddingBagCollectionSharder
 
 
 class QREmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
@@ -14,3 +15,6 @@ class QREmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
     @property
     def module_type(self) -> Type[QREmbeddingBagCollection]:  # type: ignore[override]
         return QREmbeddingBagCollection
+
+
+register_sharder(QREmbeddingBagCollection, QREmbeddingBagCollectionSharder)

@@ -1,11 +1,12 @@
-"""Sharder of ``embeddings.robe.RobeEmbeddingBagCollection`` (see ``sharding.chunked`` for the sharded module)."""
+"""Sharder of ``embeddings.robe.RobeEmbeddingBagCollection`` (see ``sharding.remap`` for the sharded module)."""
 
 from __future__ import annotations
 
 from typing import Type
 
 from embeddings.robe import RobeEmbeddingBagCollection
-from sharding.chunked import RemappedEmbeddingBagCollectionSharder
+from sharding.registry import register_sharder
+from sharding.remap import RemappedEmbeddingBagCollectionSharder
 
 
 class RobeEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
@@ -14,3 +15,6 @@ class RobeEmbeddingBagCollectionSharder(RemappedEmbeddingBagCollectionSharder):
     @property
     def module_type(self) -> Type[RobeEmbeddingBagCollection]:  # type: ignore[override]
         return RobeEmbeddingBagCollection
+
+
+register_sharder(RobeEmbeddingBagCollection, RobeEmbeddingBagCollectionSharder)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.strict import ConfigError, from_dict, load_yaml, to_dict
 
 ARCHS = ("dlrm", "dlrm_dcn")

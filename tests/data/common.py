@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from trainer.data import tsv
-from trainer.data.config import DataConfig
-from trainer.data.types import Batch, dense_transform
+from trainer.data.data_config import DataConfig
+from trainer.data.records import Batch, dense_transform
 
 SEED = 20240611
 DAYS = {0: 12, 1: 9, 2: 10}  # rows per day: 0 and 1 train, 2 eval (val 5 rows, test 5)

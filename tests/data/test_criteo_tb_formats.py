@@ -12,7 +12,7 @@ from typing import Any, Dict
 import numpy as np
 import pytest
 
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.loader import count_rows, make_batches, pooling_factors
 from trainer.data.multihot import MLPERF_MULTI_HOT_SIZES
 from trainer.data.npy import NpyDay

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from tests.data.common import INT64_MAX, SEED, DAYS, MH_SIZES, cfg
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.loader import count_rows, make_batches
 from trainer.data.multihot import MultiHotDay, MultiHotTables, multi_hot_spec
 from trainer.data.npy import NpyDay

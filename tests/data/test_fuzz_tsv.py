@@ -41,7 +41,7 @@ from tests.data.common import (
     assert_same_batches,
 )
 from trainer.data import tsv
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.loader import count_rows, make_batches, skip_report
 
 

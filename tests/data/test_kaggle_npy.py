@@ -14,8 +14,8 @@ from torchrec.datasets.scripts.npy_preproc_criteo import main as npy_preproc_cri
 
 from trainer.config import load_config
 from trainer.data import loader
-from trainer.data.config import DataConfig
-from trainer.data.types import Batch, Chunk
+from trainer.data.data_config import DataConfig
+from trainer.data.records import Batch, Chunk
 
 DAYS = 4  # the tiny synthetic log's days, concatenated into one Kaggle-style train.txt
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.data.common import assert_same
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.loader import count_rows, feature_names, make_batches, pooling_factors, skip_report
-from trainer.data.types import Batch, dense_transform
+from trainer.data.records import Batch, dense_transform
 
 DAYS = {0: 50, 1: 23, 2: 31}  # rows per day; days 0-1 train, day 2 eval (val 16 rows, test 15)
 MULTI_HOT = [1 + f % 4 for f in range(26)]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from trainer.data import multihot
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.loader import count_rows, make_batches, pooling_factors
 from trainer.data.multihot import (
     MLPERF_MULTI_HOT_SIZES, MultiHotSpec, MultiHotTables, materialize_multihot, tables_for,

@@ -14,7 +14,7 @@ import pytest
 from trainer.data.synthetic import (
     CAT_FIELDS, PRESETS, SyntheticConfig, auc, generate, get_preset, preset_config, token_of,
 )  # fmt: skip
-from trainer.data.synthetic.layout import CAT_MISSING_GROUPS, DENSE_MISSING_GROUPS
+from trainer.data.synthetic.field_layout import CAT_MISSING_GROUPS, DENSE_MISSING_GROUPS
 
 COL = {f: i for i, f in enumerate(CAT_FIELDS)}
 

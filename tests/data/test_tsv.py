@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainer.data import tsv
-from trainer.data.types import DENSE_MIN, dense_transform
+from trainer.data.records import DENSE_MIN, dense_transform
 
 CATS = [f"{(0x1000 * (i + 1) + 7):08x}" for i in range(26)]
 DENSE = [str(i) for i in range(13)]

@@ -16,7 +16,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
-from embeddings.chunked import RemappedEmbeddingBagCollection
+from embeddings.remap import RemappedEmbeddingBagCollection
 from embeddings.hashing import hash_to_range
 from embeddings.hashing_trick import HashedEmbeddingBagCollection, HashOptions
 from embeddings.qr import QREmbeddingBagCollection, QrOptions

@@ -16,10 +16,11 @@ from embeddings import registry
 from embeddings.hashing_trick import HashLayout, HashOptions
 from embeddings.hot_rows import HotSet
 from embeddings.id_counts import FrequencyCounter, IdCounts
-from embeddings.memrec_layout import PerTokenLayout
-from embeddings.memrec_options import MemRecOptions
+from embeddings.memrec.layout import PerTokenLayout
+from embeddings.memrec.options import MemRecOptions
 from embeddings.qr import QrLayout, QrOptions
-from embeddings.robe import ChunkLayout, RobeOptions
+from embeddings.chunk_table import ChunkLayout
+from embeddings.robe import RobeOptions
 from embeddings.types import SparseArchContext
 
 FEATURES = ["f0", "f1", "f2", "f3"]

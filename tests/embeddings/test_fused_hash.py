@@ -15,13 +15,14 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings import fused_hash
-from embeddings.chunked import wrap_of
-from embeddings.hashing import hash_salt, hash_to_range, salted_hash
+from embeddings.ops import salted_hash as fused_hash
+from embeddings.remap import wrap_of
+from embeddings.hashing import hash_salt, hash_to_range
+from embeddings.id_hash import salted_hash
 from embeddings.hashing_trick import HashedEmbeddingBagCollection, HashOptions
-from embeddings.memrec_module import MemRecEmbeddingBagCollection
-from embeddings.memrec_options import MemRecOptions
-from embeddings.memrec_per_sample import MemRecPerSampleEmbeddingBag
+from embeddings.memrec.module import MemRecEmbeddingBagCollection
+from embeddings.memrec.options import MemRecOptions
+from embeddings.memrec.per_sample import MemRecPerSampleEmbeddingBag
 from embeddings.qr import QREmbeddingBagCollection, QrOptions
 from embeddings.robe import RobeEmbeddingBagCollection, RobeOptions
 from embeddings.types import SparseArchContext
@@ -224,8 +225,9 @@ def test_bad_inputs_are_clear_errors(kernel: None) -> None:
 _CHILD = """
 import logging, sys, torch
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-from embeddings import fused_hash
-from embeddings.hashing import hash_salt, salted_hash
+from embeddings.ops import salted_hash as fused_hash
+from embeddings.hashing import hash_salt
+from embeddings.id_hash import salted_hash
 print("native", fused_hash.available())
 ids = torch.arange(-500, 500) * 7919
 feature = torch.arange(1000) % 3

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from embeddings.chunked import unsigned_mod_rows, wrap_of
+from embeddings.remap import unsigned_mod_rows, wrap_of
 from embeddings.hashing import hash64, mix64, unsigned_mod
 from embeddings.lma_minhash import (
     KEY_SEED,

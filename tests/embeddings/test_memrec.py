@@ -23,6 +23,7 @@ from embeddings.memrec import (
     memory,
 )
 from embeddings.types import SparseArchContext, TopologyInfo
+from sharding.sharders import sharders_for
 
 FEATURES = ["f0", "f1", "f2"]
 DIM = 4
@@ -296,7 +297,7 @@ def test_spec_registration_and_build() -> None:
     assert per_token.pooling_factors == [1.0, 2.0, 3.0]
     per_sample = spec.build(_ctx(), MemRecOptions(num_token_rows=10, num_weight_rows=10, granularity="per_sample"))
     assert isinstance(per_sample, MemRecPerSampleEmbeddingBag)
-    assert [type(s).__name__ for s in spec.sharders(MemRecOptions())] == ["MemRecEmbeddingBagCollectionSharder"]
+    assert [type(s).__name__ for s in sharders_for(per_token)] == ["MemRecEmbeddingBagCollectionSharder"]
 
 
 @pytest.mark.parametrize("nodes,expected", [(1, "row_wise"), (2, "table_row_wise")])
@@ -320,7 +321,7 @@ def test_default_constraints(nodes: int, expected: str) -> None:
 
 @pytest.mark.parametrize("num_features,batch,most", [(26, 512, 2), (3, 5, 4), (1, 1, 3), (4, 7, 1), (5, 64, 6)])
 def test_sample_major_order_is_the_stable_sort_by_sample(num_features: int, batch: int, most: int) -> None:
-    from embeddings.memrec_per_sample import sample_major_order
+    from embeddings.memrec.per_sample import sample_major_order
 
     gen = torch.Generator().manual_seed(num_features * batch)
     for _ in range(3):  # empty bags, empty samples and multi-hot bags included

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.memrec_factored import (
+from embeddings.memrec.factored import (
     TINY_ALPHA,
     bag_alpha,
     bag_dots,

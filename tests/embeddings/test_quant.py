@@ -24,7 +24,7 @@ from embeddings.quant import (
 )
 from embeddings.types import SparseArchContext
 from tests.embeddings.test_lma import write_synthetic_index
-from trainer.ids import reduce_ids
+from trainer.train.ids import reduce_ids
 from trainer.strict import from_dict
 
 FEATURES = ["f0", "f1", "f2"]

@@ -21,7 +21,7 @@ def test_component_builds_torchrun_job() -> None:
     assert role.num_replicas == 2
     args = " ".join(role.args)
     assert "--nnodes 2" in args and "--nproc_per_node 4" in args
-    assert "-m trainer.cli train configs/default.yaml training.max_steps=5" in args
+    assert "-m trainer.commands.cli train configs/default.yaml training.max_steps=5" in args
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -52,7 +52,7 @@ def test_slurm_dryrun_renders_two_nodes_of_eight_gpus() -> None:
                   "--config", "configs/criteo_tb_dlrmv2.yaml")
     assert "#SBATCH" in out and "--gpus-per-task=8" in out and "hetjob" in out
     assert "--cpus-per-task=64" in out and "--mem=393216" in out  # 8 CPUs and 48 GiB per GPU process
-    assert "--nnodes 2 --nproc_per_node 8" in out and "-m trainer.cli train configs/criteo_tb_dlrmv2.yaml" in out
+    assert "--nnodes 2 --nproc_per_node 8" in out and "-m trainer.commands.cli train configs/criteo_tb_dlrmv2.yaml" in out
 
 
 def test_kubernetes_dryrun_renders_job() -> None:

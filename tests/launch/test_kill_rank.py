@@ -47,7 +47,7 @@ def _rank_pid(run: Path, rank: int) -> Optional[int]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (f"training.run_dir={run}".encode() in cmdline and b"trainer.cli" in cmdline
+        if (f"training.run_dir={run}".encode() in cmdline and b"trainer.commands.cli" in cmdline
                 and f"RANK={rank}".encode() in environ):
             return int(proc.name)
     return None

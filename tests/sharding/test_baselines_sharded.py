@@ -29,7 +29,8 @@ from embeddings import registry
 from embeddings.id_counts import IdCounts
 from embeddings.types import SparseArchContext, TopologyInfo
 from tests.dist_utils import run_multiprocess
-from trainer.optim import embedding_table_parameters
+from trainer.train.optim import embedding_table_parameters
+from sharding.sharders import sharders_for
 
 FEATURES = ["f0", "f1", "f2"]
 SIZES = [40, 25, 60]
@@ -82,7 +83,7 @@ def _shard(model: _Model, method: str, opts: Any, optimizer: str) -> Tuple[Distr
     spec = registry.get(method)
     cls, kwargs = OPTIMIZERS[optimizer]
     apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
-    sharders = spec.sharders(opts)
+    sharders = sharders_for(model)
     constraints = spec.default_constraints(model.sparse, opts, TopologyInfo(WORLD, WORLD, "cpu"))
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD), constraints=constraints)

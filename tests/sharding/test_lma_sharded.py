@@ -15,6 +15,7 @@ from embeddings.types import TopologyInfo
 from tests.dist_utils import run_multiprocess
 from tests.embeddings.test_lma import write_synthetic_index
 from tests.sharding.test_baselines_sharded import FEATURES, WORLD, build_model, check_parity_results, parity_body
+from sharding.sharders import sharders_for
 
 
 def _lma_body(rank: int, world: int, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -48,7 +49,7 @@ def test_planner_places_the_array_table_row_wise_on_two_nodes(tmp_path: Path) ->
     assert constraints["lma_memory"].pooling_factors == [1.5] * (2 * len(FEATURES))
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=4, local_world_size=2, compute_device="cuda"),
                                        constraints=constraints)
-    plan = planner.plan(model, SPEC.sharders(options)).plan["sparse"]
+    plan = planner.plan(model, sharders_for(model)).plan["sparse"]
     assert set(plan) == {"lma_memory"}  # type: ignore[arg-type]
     placed = plan["lma_memory"]  # type: ignore[index]
     assert (placed.sharding_type, placed.compute_kernel) == ("table_row_wise", "fused")

@@ -24,7 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.id_counts import FrequencyCounter, IdCounts
-from embeddings.memrec import MemRecOptions, build, default_constraints, sharders
+from embeddings.memrec import MemRecOptions, build, default_constraints
 from embeddings.types import SparseArchContext, TopologyInfo
 from tests.dist_utils import run_multiprocess
 from tests.sharding.test_memrec_sharded import (
@@ -36,6 +36,7 @@ from tests.sharding.test_memrec_sharded import (
     _copy_into_shards,
     _Model,
 )
+from sharding.sharders import sharders_for
 
 STEPS = 4
 MULTI_HOT_STEP = 2  # rank 1's batch of this step has a bag of two ids
@@ -75,7 +76,7 @@ def _build(options: MemRecOptions, hot: bool) -> torch.nn.Module:
 def _shard(model: torch.nn.Module, options: MemRecOptions, optimizer: str, world: int) -> Any:
     cls, kwargs = OPTIMIZERS[optimizer]
     apply_optimizer_in_backward(cls, model.sparse.token_ebc.parameters(), dict(kwargs))
-    module_sharders = sharders(options)
+    module_sharders = sharders_for(model)
     constraints = default_constraints(model.sparse, options, TopologyInfo(world, world, "cpu"))
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu",
                                                          local_world_size=world), constraints=constraints)

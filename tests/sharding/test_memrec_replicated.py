@@ -13,13 +13,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.types import ShardingEnv
 
-from embeddings.memrec import MemRecOptions, default_constraints, sharders
+from embeddings.memrec import MemRecOptions, default_constraints
 from embeddings.types import TopologyInfo
 from tests.dist_utils import run_multiprocess
 from tests.sharding.test_memrec_factored_sharded import _one_hot_batch
 from tests.sharding.test_memrec_sharded import _batch, _build, _copy_into_shards, _local_shards
 from trainer.config import OptimizerConfig
-from trainer.optim import apply_sparse_optimizer, combined_optimizer
+from trainer.train.optim import apply_sparse_optimizer, combined_optimizer
+from sharding.sharders import sharders_for
 
 STEPS = 3
 OPTIMIZERS = {"sgd": OptimizerConfig(sparse="sgd", sparse_lr=0.5, dense="sgd", dense_lr=0.1),
@@ -34,9 +35,9 @@ def _shard(model: torch.nn.Module, options: MemRecOptions, cfg: OptimizerConfig,
         constraints["memrec_tokens"].compute_kernels = ["dense"]
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu", local_world_size=2),
                                        constraints=constraints)
-    plan = planner.collective_plan(model, sharders(options), dist.GroupMember.WORLD)
+    plan = planner.collective_plan(model, sharders_for(model), dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan,
-                                   sharders=sharders(options), device=torch.device("cpu"))
+                                   sharders=sharders_for(model), device=torch.device("cpu"))
     return dmp, combined_optimizer(dmp, cfg)
 
 

@@ -26,10 +26,11 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.memrec import MemRecOptions, build, default_constraints, sharders
+from embeddings.memrec import MemRecOptions, build, default_constraints
 from embeddings.types import SparseArchContext, TopologyInfo
 from sharding.memrec import MemRecEmbeddingBagCollectionSharder, _check_plan
 from tests.dist_utils import run_multiprocess
+from sharding.sharders import sharders_for
 
 FEATURES = ["f0", "f1", "f2"]
 DIM = 4
@@ -81,7 +82,7 @@ def _shard(model: nn.Module, options: MemRecOptions, optimizer: str) -> Tuple[Di
     cls, kwargs = OPTIMIZERS[optimizer]
     # before planning; a copy, since sharding writes an "optimizer" key into these kwargs
     apply_optimizer_in_backward(cls, model.sparse.token_ebc.parameters(), dict(kwargs))
-    module_sharders = sharders(options)
+    module_sharders = sharders_for(model)
     constraints = default_constraints(model.sparse, options, TopologyInfo(WORLD, WORLD, "cpu"))
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD), constraints=constraints
@@ -257,7 +258,7 @@ def test_planner_places_tables_on_a_two_node_cuda_topology(granularity: str) -> 
     constraints = default_constraints(model.sparse, options, TopologyInfo(4, 2, "cuda"))
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=4, local_world_size=2, compute_device="cuda"),
                                        constraints=constraints)
-    plan = planner.plan(model, sharders(options)).plan["sparse"]
+    plan = planner.plan(model, sharders_for(model)).plan["sparse"]
     tokens = [c.name for c in model.sparse.embedding_bag_configs()]
     assert set(plan) == set(tokens)  # type: ignore[arg-type]
     for name in tokens:
@@ -271,7 +272,7 @@ def test_sharder_offers_only_token_tables_and_rejects_a_plan_naming_the_weight_t
     params = MemRecEmbeddingBagCollectionSharder().shardable_parameters(model.sparse)
     assert set(params) == {"memrec_tokens"}
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu")).plan(
-        model, sharders(options)).plan["sparse"]
+        model, sharders_for(model)).plan["sparse"]
     assert set(plan) == {"memrec_tokens"}  # type: ignore[arg-type]
     _check_plan(plan, ["memrec_tokens"], "memrec_weights")  # type: ignore[arg-type]
     stale = dict(plan, memrec_weights=plan["memrec_tokens"])  # type: ignore[index]

@@ -17,7 +17,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embeddings.memrec import MemRecOptions, sharders
+from embeddings.memrec import MemRecOptions
 from tests.dist_utils import run_multiprocess
 from tests.sharding.test_memrec_sharded import (
     OPTIMIZERS,
@@ -28,6 +28,7 @@ from tests.sharding.test_memrec_sharded import (
     _copy_into_shards,
     _reference_step,
 )
+from sharding.sharders import sharders_for
 
 # row_wise, the default, is covered by test_memrec_sharded's parity tests
 PLACEMENTS = [("table_wise", "fused"), ("column_wise", "fused"), ("data_parallel", "dense")]
@@ -46,9 +47,9 @@ def _placement_body(rank: int, world: int) -> Dict[str, Any]:
         constraints = {"memrec_tokens": ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel])}
         planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
                                            constraints=constraints)
-        plan = planner.collective_plan(model, sharders(options), dist.GroupMember.WORLD)
+        plan = planner.collective_plan(model, sharders_for(model), dist.GroupMember.WORLD)
         dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan,
-                                       sharders=sharders(options), device=torch.device("cpu"))
+                                       sharders=sharders_for(model), device=torch.device("cpu"))
         dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
         optim = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense, lambda p: cls(p, **kwargs))])
         if sharding_type != "data_parallel":
@@ -81,12 +82,11 @@ def test_every_token_table_placement_trains_like_the_unsharded_module() -> None:
 
 def _planned(kind_options: Dict[str, Any], constraints: Dict[str, ParameterConstraints]) -> Dict[str, List[str]]:
     from tests.sharding.test_baselines_sharded import build_model
-    from embeddings import registry
 
     kind, options = kind_options["kind"], kind_options["options"]
     model, opts = build_model(kind, options, seed=0, device="meta")
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=constraints)
-    plan = planner.plan(model, registry.get(kind).sharders(opts)).plan["sparse"]
+    plan = planner.plan(model, sharders_for(model)).plan["sparse"]
     return {name: [p.sharding_type, p.compute_kernel] for name, p in plan.items()}  # type: ignore[union-attr]
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.artifacts import ArtifactMismatch, check_provenance, data_fingerprint, differences, split_files
-from trainer.data.config import DataConfig
+from trainer.prepare.provenance import ArtifactMismatch, check_provenance, data_fingerprint, differences, split_files
+from trainer.data.data_config import DataConfig
 
 
 def _npy_days(root: Path, days: int = 3, rows: int = 4) -> None:

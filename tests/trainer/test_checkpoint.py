@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
-from trainer.checkpoint import MARKER, Segment, latest_checkpoint, list_checkpoints, read_metadata, segment_plan
+from trainer.train.checkpoint import MARKER, Segment, latest_checkpoint, list_checkpoints, read_metadata, segment_plan
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +35,8 @@ def _local_state(model: Any) -> Dict[str, Any]:
 
 
 def _train(rank: int, world_size: int, overrides: List[str]) -> Dict[str, Any]:
-    import trainer.loop as loop
-    from trainer.distributed import init_distributed
+    import trainer.train.loop as loop
+    from trainer.train.distributed import init_distributed
 
     built: List[Any] = []
     original = loop.build_sharded_model
@@ -112,11 +112,11 @@ def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
 
 def _load_and_predict(rank: int, world_size: int, overrides: List[str], run_dir: str) -> Dict[str, torch.Tensor]:
     """Logits of the first validation batch before and after loading the newest checkpoint of ``run_dir``."""
-    from trainer.checkpoint import load_model_state
-    from trainer.datasets import dataset_info
-    from trainer.distributed import init_distributed
-    from trainer.ids import reduce_ids_into_tables
-    from trainer.loop import _batches, build_sharded_model
+    from trainer.train.checkpoint import load_model_state
+    from trainer.prepare.dataset_info import dataset_info
+    from trainer.train.distributed import init_distributed
+    from trainer.train.ids import reduce_ids_into_tables
+    from trainer.train.loop import _batches, build_sharded_model
 
     config = load_config(REPO / "configs" / PRESET, overrides)
     ctx = init_distributed("cpu")
@@ -170,7 +170,7 @@ def test_nonfinite_loss_stops_naming_the_batch(tiny_dataset: Path, tmp_path: Pat
 
 
 def _cli(rank: int, world_size: int, argv: List[str]) -> int:
-    from trainer.cli import main
+    from trainer.commands.cli import main
 
     return main(argv)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import main
+from trainer.commands.cli import main
 
 
 def _run(dir_: Path, kind: str, auc: float, total: int, ratio: float) -> Path:

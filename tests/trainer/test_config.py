@@ -123,7 +123,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 def test_method_options_are_strict() -> None:
     import torch
 
-    from trainer.model import build_sparse_arch, sparse_context
+    from trainer.train.model import build_sparse_arch, sparse_context
 
     # checked when the config loads (naming its source), and again when the module is built
     with pytest.raises(ConfigError, match="<defaults> .*poolng"):
@@ -138,15 +138,15 @@ def test_method_options_are_strict() -> None:
 
 
 def test_config_reference_doc_is_current() -> None:
-    from trainer.config_doc import render
+    from trainer.commands.config_doc import render
 
-    assert (REPO / "docs" / "CONFIG.md").read_text() == render(), "run: python -m trainer.config_doc > docs/CONFIG.md"
+    assert (REPO / "docs" / "CONFIG.md").read_text() == render(), "run: python -m trainer.commands.config_doc > docs/CONFIG.md"
 
 
 def test_embedding_options_doc_is_current() -> None:
-    from trainer.embeddings_doc import render
+    from trainer.commands.embeddings_doc import render
 
-    assert (REPO / "docs" / "EMBEDDINGS.md").read_text() == render(), "run: python -m trainer.embeddings_doc > docs/EMBEDDINGS.md"
+    assert (REPO / "docs" / "EMBEDDINGS.md").read_text() == render(), "run: python -m trainer.commands.embeddings_doc > docs/EMBEDDINGS.md"
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:

@@ -329,8 +329,8 @@ def test_bad_overrides_name_the_key(override: str, needle: str) -> None:
     ("[]", "must be null or a list of non-empty lists"), ("[[]]", "must be null or a list of non-empty lists"),
 ])  # fmt: skip
 def test_unknown_or_missing_feature_names_in_method_options(groups: str, needle: str) -> None:
-    from trainer.data.types import SPARSE_FEATURES
-    from trainer.model import build_sparse_arch, sparse_context
+    from trainer.data.records import SPARSE_FEATURES
+    from trainer.train.model import build_sparse_arch, sparse_context
 
     config = load_config(REPO / "configs" / "robe_small.yaml", [f"embeddings.options.feature_groups={groups}"])
     ctx = sparse_context(config, SPARSE_FEATURES, [1000] * 26, torch.device("meta"))
@@ -340,7 +340,7 @@ def test_unknown_or_missing_feature_names_in_method_options(groups: str, needle:
 
 
 def test_table_sizes_for_a_wrong_number_of_features() -> None:
-    from trainer.datasets import dataset_info
+    from trainer.prepare.dataset_info import dataset_info
 
     for sizes in ([10] * 25, [10] * 27):
         config = load_config(None, [f"embeddings.num_embeddings_per_feature={sizes}", "data.path=/nonexistent"])
@@ -352,7 +352,7 @@ def test_manifest_table_sizes_must_be_positive_integers(tmp_path: Path) -> None:
     import json
 
     from trainer.config import load_config as load
-    from trainer.datasets import dataset_info
+    from trainer.prepare.dataset_info import dataset_info
 
     sizes = [10] * 26
     for bad, shown in ((1.5, "1.5"), ("7", "'7'"), (0, "0"), (True, "True")):

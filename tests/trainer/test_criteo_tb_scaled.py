@@ -11,7 +11,7 @@ import pytest
 
 from tests.dist_utils import run_multiprocess
 from trainer.config import load_config
-from trainer.mlperf_log import read_events
+from trainer.train.mlperf_log import read_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,8 +26,8 @@ def tb_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(rank: int, world_size: int, preset: str, overrides: List[str]) -> Dict[str, Any]:
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     return run_training(load_config(REPO / "configs" / preset, overrides), init_distributed("cpu"))
 

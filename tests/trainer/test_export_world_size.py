@@ -3,7 +3,7 @@
 - 2 ranks -> 4 ranks: the row-wise shards are re-split and the 4-rank model gives the 2-rank model's outputs;
   training resumed on 4 ranks (same global batch) ends where the uninterrupted 2-rank run ends, up to float32
   summation order.
-- ``compactrec export``: one inference artifact; ``trainer.inference.load`` rebuilds it in a plain single process
+- ``compactrec export``: one inference artifact; ``trainer.serve.artifact.load`` rebuilds it in a plain single process
   (fbgemm's inference TBE, fp32 tables) and it scores like the sharded model; the fp32 rows of ``full`` are a stock
   torchrec DLRM's tables.
 """
@@ -18,7 +18,7 @@ import torch
 from tests.conftest import tiny_overrides
 from tests.dist_utils import run_multiprocess
 from tests.trainer.test_checkpoint import EXTRA, PRESET, REPO, _load_and_predict, _train
-from trainer.checkpoint import latest_checkpoint
+from trainer.train.checkpoint import latest_checkpoint
 from trainer.config import load_config
 
 
@@ -60,9 +60,9 @@ def test_resume_on_four_ranks_matches_two_rank_run(tiny_dataset: Path, tmp_path:
 
 def _export_and_compare(preset: str, overrides: List[str], run: Path, tmp_path: Path,
                         sharded: torch.Tensor) -> Dict[str, Any]:
-    from trainer.cli import main
+    from trainer.commands.cli import main
     from trainer.data import loader
-    from trainer.inference import load, read_artifact
+    from trainer.serve.artifact import load, read_artifact
 
     out = tmp_path / "model.pt"
     assert main(["export", str(REPO / "configs" / preset), *overrides, "--out", str(out)]) == 0
@@ -100,7 +100,7 @@ def test_export_full_loads_into_a_stock_torchrec_dlrm(tiny_dataset: Path, tmp_pa
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from trainer.ids import reduce_ids
+    from trainer.train.ids import reduce_ids
 
     run = tmp_path / "run"
     base = tiny_overrides(tiny_dataset, run) + ["training.evals_per_epoch=0", "training.final_test=false",

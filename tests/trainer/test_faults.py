@@ -18,7 +18,7 @@ import torch
 from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
 from tests.trainer.test_checkpoint import PRESET, REPO, _assert_same_state, _local_state, _train
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
+from trainer.train.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from trainer.config import load_config
 
 # 15,000 train rows / (2 ranks x 256) = 29 steps per epoch; MEM-REC with a row-wise token table
@@ -69,8 +69,8 @@ def test_bad_row_mid_epoch_saves_the_exact_position_and_resume_after_the_fix_mat
 def _nan_or_drop(rank: int, world_size: int, overrides: List[str], kind: Optional[str],
                  index: int) -> Dict[str, Any]:
     """Train with train batch ``index`` of epoch 0 made non-finite on rank 0 (``nan``) or left out (``drop``)."""
-    import trainer.loop as loop
-    from trainer.distributed import init_distributed
+    import trainer.train.loop as loop
+    from trainer.train.distributed import init_distributed
 
     original_batches, original_build = loop._batches, loop.build_sharded_model
     built: List[Any] = []

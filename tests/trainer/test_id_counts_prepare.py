@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_overrides
-from trainer.artifacts import ArtifactMismatch
-from trainer.cli import main
+from trainer.prepare.provenance import ArtifactMismatch
+from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.datasets import dataset_info
-from trainer.id_counts import count_ids, counts_path, load_checked_counts
+from trainer.prepare.dataset_info import dataset_info
+from trainer.prepare.count_ids import count_ids, counts_path, load_checked_counts
 
 
 def _config(path: Path, run: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -86,8 +86,8 @@ def test_missing_counts_name_the_command(tiny_dataset: Path, tmp_path: Path) -> 
 
 def test_vocabulary_and_hot_rows_train_end_to_end(tiny_dataset: Path, tmp_path: Path) -> None:
     """One process through the real trainer: full over a vocabulary and the hashing trick with hot rows."""
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     results = {}
     for name, extra in {"vocab": ["embeddings.options.ids=vocabulary"],

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.data.types import Batch
-from trainer.ids import reduce_ids, reduce_ids_into_tables
+from trainer.data.records import Batch
+from trainer.train.ids import reduce_ids, reduce_ids_into_tables
 
 
 def _kjt() -> KeyedJaggedTensor:

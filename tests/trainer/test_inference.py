@@ -1,4 +1,4 @@
-"""Inference artifacts end to end: train -> ``compactrec export --precision`` -> ``trainer.inference.load`` ->
+"""Inference artifacts end to end: train -> ``compactrec export --precision`` -> ``trainer.serve.artifact.load`` ->
 ``compactrec score`` equals the training model's own evaluation (fp32 within float tolerance, fp16/int8 AUC within
 0.001); ``score`` reads TSV, npy and npz alike; the Python API; every method's model survives the round trip with
 no config, index or process group; wrong, corrupt, other-version and wrong-precision artifacts are clear errors."""
@@ -15,10 +15,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tests.conftest import memrec_rows, tiny_overrides
 from tests.dist_utils import run_multiprocess
-from trainer.cli import main
+from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.inference import ArtifactError, load, read_artifact
-from trainer.score import run_score
+from trainer.serve.artifact import ArtifactError, load, read_artifact
+from trainer.serve.score import run_score
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["training.evals_per_epoch=1", "training.final_test=false", "training.checkpoint_every=1000",
@@ -30,8 +30,8 @@ PRESETS = {  # preset -> (extra overrides, ranks): full row-wise over 2 ranks, M
 
 
 def _train(rank: int, world_size: int, preset: str, overrides: List[str]) -> Dict[str, Any]:
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     return run_training(load_config(REPO / "configs" / preset, overrides), init_distributed("cpu"))
 
@@ -183,10 +183,10 @@ PREPARED = {"lma", "memrec_hot_rows", "full_vocabulary", "robe", "hash", "qr"}
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
 def test_every_method_round_trips_without_config_or_index(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
     from trainer.data import loader
-    from trainer.datasets import dataset_info
-    from trainer.export import build_unsharded, write_artifact
-    from trainer.ids import reduce_ids
-    from trainer.prepare import prepare
+    from trainer.prepare.dataset_info import dataset_info
+    from trainer.serve.export import build_unsharded, write_artifact
+    from trainer.train.ids import reduce_ids
+    from trainer.prepare.run import prepare
 
     preset, extra = ROUND_TRIP[name]
     index = tmp_path / "lma_index.npz"
@@ -224,8 +224,8 @@ def test_every_method_round_trips_without_config_or_index(name: str, tiny_datase
 # ---- errors ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def artifact(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.datasets import dataset_info
-    from trainer.export import build_unsharded, write_artifact
+    from trainer.prepare.dataset_info import dataset_info
+    from trainer.serve.export import build_unsharded, write_artifact
 
     tmp = tmp_path_factory.mktemp("artifact")
     config = load_config(REPO / "configs" / "hash_small.yaml", tiny_overrides(tiny_dataset, tmp / "run") + [

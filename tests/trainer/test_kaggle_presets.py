@@ -10,7 +10,8 @@ from typing import List
 
 import pytest
 
-from trainer import cli, launcher
+from trainer.commands import cli
+from trainer.commands import launcher
 from trainer.config import load_config
 
 PRESETS = {"configs/kaggle_10x.yaml": ("hash", 0.1, 0.5), "configs/kaggle_100x.yaml": ("robe", 0.01, 0.5),

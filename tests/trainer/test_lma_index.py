@@ -21,12 +21,12 @@ from embeddings.lma_index import load_index, read_header
 from embeddings.lma_minhash import row_ranks, set_signatures, value_keys
 from tests.conftest import tiny_overrides
 from tests.dist_utils import run_multiprocess
-from trainer import cli
+from trainer.commands import cli
 from trainer.config import Config, load_config
 from trainer.data import loader
-from trainer.lma_index import build_lma_index, lma_options, run_lma_index
+from trainer.prepare.lma_index_build import build_lma_index, lma_options, run_lma_index
 from trainer.strict import from_dict
-from trainer.prepare import prepare
+from trainer.prepare.run import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = {name: REPO / "configs" / f"{name}_small.yaml" for name in ("lma", "robe", "hash", "qr", "memrec")}
@@ -123,8 +123,8 @@ def test_presets_state_valid_options() -> None:
 
 
 def _train_all(rank: int, world: int, runs: List[List[str]]) -> List[Dict[str, Any]]:
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     ctx = init_distributed("cpu")
     results = []

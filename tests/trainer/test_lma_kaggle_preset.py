@@ -9,7 +9,8 @@ from typing import List
 import pytest
 
 from embeddings.lma_index import read_header
-from trainer import cli, launcher
+from trainer.commands import cli
+from trainer.commands import launcher
 from trainer.config import load_config
 
 PRESET = "configs/lma_kaggle.yaml"

@@ -14,7 +14,7 @@ from embeddings import registry
 from embeddings.types import SparseArchContext
 from tests.conftest import memrec_rows, tiny_overrides
 from trainer.config import load_config
-from trainer.datasets import dataset_info
+from trainer.prepare.dataset_info import dataset_info
 
 FEATURES = ["a", "b"]
 
@@ -63,8 +63,8 @@ def test_trainer_runs_without_sizes_and_reports_no_ratio(tiny_dataset: Path, tmp
     memrec = load_config("configs/memrec_small.yaml", overrides + memrec_rows(500, 500))
     info = dataset_info(memrec)
     assert info.num_embeddings_per_feature is None and info.id_counts is None
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     result = run_training(memrec, init_distributed("cpu"))
     assert result["memory"]["compression_ratio"] is None and result["val"]["auc"] > 0.55

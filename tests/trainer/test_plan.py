@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 
 from embeddings.types import TopologyInfo
-from trainer.cli import main
+from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.datasets import dataset_info
-from trainer.model import TrainModel, build_dlrm, build_sparse_arch, sparse_context
-from trainer.optim import apply_sparse_optimizer
-from trainer.planning import memory_per_rank, placements, plan_model
+from trainer.prepare.dataset_info import dataset_info
+from trainer.train.model import TrainModel, build_dlrm, build_sparse_arch, sparse_context
+from trainer.train.optim import apply_sparse_optimizer
+from trainer.train.planning import memory_per_rank, placements, plan_model
+from sharding.sharders import sharders_for
 
 REPO = Path(__file__).resolve().parents[2]
 TB = REPO / "configs" / "criteo_tb_dlrmv2.yaml"
@@ -25,7 +26,7 @@ def _plan(overrides, world_size: int, local_world_size: int):
                                                     torch.device("meta")))
     model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
     apply_sparse_optimizer(arch.module, config.optimizer)
-    sharders = arch.spec.sharders(arch.options)
+    sharders = sharders_for(arch.module)
     plan = plan_model(config, model, arch, sharders, TopologyInfo(world_size, local_world_size, "cuda"))
     return config, placements(plan, model, sharders, world_size)
 
@@ -71,14 +72,14 @@ def test_plan_cli_prints_plan_and_memory(capsys) -> None:
 
 
 def test_planner_sees_multi_hot_pooling_factors_of_full_tables() -> None:
-    from trainer.planning import constraints
+    from trainer.train.planning import constraints
 
     config = load_config(TB)
     sizes = config.embeddings.num_embeddings_per_feature
     pooling = [float(n) for n in config.data.multi_hot_sizes]
     ctx = sparse_context(config, [f"cat_{i}" for i in range(26)], sizes, torch.device("meta"), pooling)
     arch = build_sparse_arch(config, ctx)
-    result = constraints(arch, arch.spec.sharders(arch.options), config.sharding, TopologyInfo(8, 8, "cuda"))
+    result = constraints(arch, sharders_for(arch.module), config.sharding, TopologyInfo(8, 8, "cuda"))
     assert [result[f"t_cat_{i}"].pooling_factors for i in range(26)] == [[p] for p in pooling]
     assert result["t_cat_20"].sharding_types is None  # placement stays the planner's choice
 
@@ -86,7 +87,7 @@ def test_planner_sees_multi_hot_pooling_factors_of_full_tables() -> None:
 def test_memrec_weight_table_is_listed_replicated_with_its_exact_bytes(capsys) -> None:
     """The weight table is not planned (a DDP-replicated dense parameter): the plan and the memory per rank
     still count its bytes on every rank, equal to the memory report's."""
-    from trainer.model import memory_report
+    from trainer.train.model import memory_report
 
     config = load_config(REPO / "configs" / "memrec_tb_dlrmv2.yaml")
     info = dataset_info(config, require_data=False)
@@ -94,7 +95,7 @@ def test_memrec_weight_table_is_listed_replicated_with_its_exact_bytes(capsys) -
                                                     torch.device("meta")))
     model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
     apply_sparse_optimizer(arch.module, config.optimizer)
-    sharders = arch.spec.sharders(arch.options)
+    sharders = sharders_for(arch.module)
     plan = plan_model(config, model, arch, sharders, TopologyInfo(16, 8, "cuda"))
     assert "memrec_weights" not in plan.plan["model.sparse_arch.embedding_bag_collection"]  # type: ignore[operator]
     rows = placements(plan, model, sharders, 16)

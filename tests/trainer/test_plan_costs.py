@@ -14,12 +14,13 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from embeddings.types import TopologyInfo
-from trainer.cli import main
+from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.datasets import dataset_info
-from trainer.model import TrainModel, build_dlrm, build_sparse_arch, sparse_context
-from trainer.optim import apply_sparse_optimizer
-from trainer.planning import constraints, make_enumerator, topology, with_data_parallel
+from trainer.prepare.dataset_info import dataset_info
+from trainer.train.model import TrainModel, build_dlrm, build_sparse_arch, sparse_context
+from trainer.train.optim import apply_sparse_optimizer
+from trainer.train.planning import constraints, make_enumerator, topology, with_data_parallel
+from sharding.sharders import sharders_for
 
 REPO = Path(__file__).resolve().parents[2]
 MEMREC_TB = str(REPO / "configs" / "memrec_tb_dlrmv2.yaml")
@@ -86,7 +87,7 @@ def _token_perfs(device: str) -> Tuple[Dict[str, object], Dict[str, object]]:
                                                     torch.device("meta")))
     model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
     apply_sparse_optimizer(arch.module, config.optimizer)
-    sharders = arch.spec.sharders(arch.options)
+    sharders = sharders_for(arch.module)
     topo = TopologyInfo(2, 2, device)
     ours = make_enumerator(config, arch, sharders, topo)
     plain = EmbeddingEnumerator(topology=topology(topo, config.sharding), batch_size=config.data.batch_size,
@@ -121,7 +122,7 @@ def test_cpu_topologies_price_every_collective_at_gloo_bandwidth() -> None:
                                                         torch.device("meta")))
         model = TrainModel(build_dlrm(config, arch, dense_device=torch.device("meta")))
         apply_sparse_optimizer(arch.module, config.optimizer)
-        sharders = arch.spec.sharders(arch.options)
+        sharders = sharders_for(arch.module)
         enumerator = make_enumerator(config, arch, sharders, TopologyInfo(2, 2, "cpu"))
         return {o.sharding_type: o.shards[0].perf.fwd_comms + o.shards[0].perf.bwd_comms  # type: ignore[union-attr]
                 for o in enumerator.enumerate(model, sharders) if o.name == "memrec_tokens"}

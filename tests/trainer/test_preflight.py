@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
-from trainer import cli, launcher
+from trainer.commands import cli
+from trainer.commands import launcher
 from trainer.config import load_config
-from trainer.preflight import MIN_TRAIN_STEPS, train_steps
+from trainer.commands.preflight import MIN_TRAIN_STEPS, train_steps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,7 @@ def test_missing_manifest_and_table_sizes_stop_before_launch_in_a_subprocess(tin
     """The user's view: one error line on stderr, exit 2, nothing from torchx or torchrun."""
     data = _copy(tiny_dataset, tmp_path / "data", skip=("manifest.json",))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "configs/default.yaml", "--nproc", "2",
+    done = subprocess.run([sys.executable, "-m", "trainer.commands.cli", "train", "configs/default.yaml", "--nproc", "2",
                            *tiny_overrides(data, tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -124,12 +125,12 @@ def test_tiny_run_warns_before_launch_and_in_the_worker(tiny_dataset: Path, tmp_
 
 def test_worker_logs_the_tiny_run_warning(tiny_dataset: Path, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    from trainer.distributed import DistContext
-    from trainer.loop import _train_steps
+    from trainer.train.distributed import DistContext
+    from trainer.train.loop import _train_steps
 
     config = load_config("configs/default.yaml", tiny_overrides(tiny_dataset, tmp_path / "run"))
     ctx = DistContext(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"),
                       backend="gloo")
-    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+    with caplog.at_level(logging.WARNING, logger="trainer.train.loop"):
         assert _train_steps(config, ctx) == (29, 29)
     assert "this run trains only 29 steps: 15,000 training rows / global batch 512" in caplog.text

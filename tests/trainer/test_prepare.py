@@ -14,9 +14,9 @@ import pytest
 
 from embeddings.lma_index import load_index, save_index
 from tests.conftest import tiny_overrides
-from trainer.cli import main
+from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.lma_index import build_lma_index, lma_options
+from trainer.prepare.lma_index_build import build_lma_index, lma_options
 
 PRESET = "configs/lma_small.yaml"
 

@@ -11,14 +11,14 @@ import pytest
 from tests.conftest import tiny_overrides
 from tests.dist_utils import run_multiprocess
 from trainer.config import load_config
-from trainer.mlperf_log import read_events
+from trainer.train.mlperf_log import read_events
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(rank: int, world_size: int, overrides: List[str]) -> Dict[str, Any]:
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     return run_training(load_config(REPO / "configs" / "default.yaml", overrides), init_distributed("cpu"))
 

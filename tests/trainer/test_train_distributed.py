@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(rank: int, world_size: int, preset: str, overrides: List[str]) -> Dict[str, Any]:
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.train.distributed import init_distributed
+    from trainer.train.loop import run_training
 
     config = load_config(REPO / "configs" / preset, overrides)
     return run_training(config, init_distributed("cpu"))

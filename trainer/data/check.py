@@ -12,10 +12,10 @@ import os
 from typing import List
 
 from trainer.data import loader, tsv
-from trainer.data.config import DataConfig
+from trainer.data.data_config import DataConfig
 from trainer.data.multihot import NPZ_SUFFIX
 from trainer.data.npy import DayName, NpyDay, day_path
-from trainer.data.types import DaySource
+from trainer.data.records import DaySource
 
 
 def _days(cfg: DataConfig, split: str) -> List[int]:

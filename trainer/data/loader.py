@@ -32,11 +32,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from trainer.data import tsv
-from trainer.data.config import SPLITS, DataConfig
+from trainer.data.data_config import SPLITS, DataConfig
 from trainer.data.multihot import NPZ_SUFFIX, MultiHotDay, MultiHotSpec, multi_hot_spec, tables_for
 from trainer.data.npy import DayName, NpyDay, day_path, expect, open_array
 from trainer.data.npz import NpzDay
-from trainer.data.types import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
+from trainer.data.records import DENSE_FEATURES, SPARSE_FEATURES, Batch, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trainer.data.config import MULTI_HOT_DISTRIBUTIONS, DataConfig
+from trainer.data.data_config import MULTI_HOT_DISTRIBUTIONS, DataConfig
 from trainer.data.npy import NpyDay, day_path, open_array
-from trainer.data.types import NUM_SPARSE, Chunk, DaySource
+from trainer.data.records import NUM_SPARSE, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 
-from trainer.data.types import NUM_DENSE, NUM_SPARSE, SPARSE_FEATURES, Chunk, DaySource
+from trainer.data.records import NUM_DENSE, NUM_SPARSE, SPARSE_FEATURES, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
 

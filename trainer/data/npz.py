@@ -15,7 +15,7 @@ from typing import Dict, List
 import numpy as np
 
 from trainer.data.npy import DayName, DenseLabels, check_ids, day_path, expect, read_npy_header
-from trainer.data.types import NUM_SPARSE, Chunk, DaySource
+from trainer.data.records import NUM_SPARSE, Chunk, DaySource
 
 logger = logging.getLogger(__name__)
 

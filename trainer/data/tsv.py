@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trainer.data.types import NUM_DENSE, NUM_SPARSE, Chunk, dense_transform
+from trainer.data.records import NUM_DENSE, NUM_SPARSE, Chunk, dense_transform
 
 logger = logging.getLogger(__name__)
 

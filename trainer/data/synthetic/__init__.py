@@ -6,10 +6,10 @@ Public API::
     manifest = generate(preset_config("tiny"), "/tmp/syn-tiny")
 """
 
-from .config import SyntheticConfig
+from .synthetic_config import SyntheticConfig
 from .generator import FORMAT_VERSION, auc, generate, logloss
-from .hashing import token_of
-from .layout import CAT_FIELDS, DENSE_FIELDS, KAGGLE_CARDINALITIES, build_layout, field_groups
+from .keyed_random import token_of
+from .field_layout import CAT_FIELDS, DENSE_FIELDS, KAGGLE_CARDINALITIES, build_layout, field_groups
 from .presets import PRESETS, get_preset, preset_config
 
 __all__ = [

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SyntheticConfig
-from .hashing import derive_key, hash_normal, hash_u64
-from .layout import EntitySpec
+from .synthetic_config import SyntheticConfig
+from .keyed_random import derive_key, hash_normal, hash_u64
+from .field_layout import EntitySpec
 
 NUM_FAVOURITES = 4  # favourite target clusters per source cluster
 

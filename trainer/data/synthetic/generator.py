@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import SyntheticConfig
+from .synthetic_config import SyntheticConfig
 from . import terabyte
-from .layout import CAT_FIELDS, DENSE_FIELDS, build_layout, field_groups
+from .field_layout import CAT_FIELDS, DENSE_FIELDS, build_layout, field_groups
 from .world import World
 from .writers import DayWriter
 

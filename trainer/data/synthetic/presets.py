@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SyntheticConfig
+from .synthetic_config import SyntheticConfig
 
 _BASE: dict[str, dict[str, Any]] = {
     # CI: ~20k rows, about a second.

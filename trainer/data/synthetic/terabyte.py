@@ -27,14 +27,12 @@ import numpy as np
 
 from trainer.data.multihot import MLPERF_MULTI_HOT_SIZES, MultiHotSpec, materialize_multihot
 
-from .layout import CAT_FIELDS, KAGGLE_CARDINALITIES
+from .cardinalities import (  # noqa: F401 (re-exported)
+    CAT_FIELDS, KAGGLE_CARDINALITIES, ROLE_OF_COLUMN, TABLE_SIZE_LISTS, TERABYTE_CARDINALITIES, base_cardinalities,
+    check_table_sizes,
+    column_order,
+)
 
-TABLE_SIZE_LISTS = ("kaggle", "terabyte")
-#: MLPerf DLRMv2 table sizes of Criteo Terabyte columns C1..C26 (sum 204,184,588).
-TERABYTE_CARDINALITIES: tuple[int, ...] = (
-    40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
-    2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36,
-)  # fmt: skip
 TERABYTE_DAYS = 24
 TERABYTE_TRAIN_ROWS = 4_195_197_692  # days 0-22
 TERABYTE_DAY23_ROWS = 178_274_637
@@ -43,42 +41,6 @@ MULTI_HOT_REFERENCE = (
     "facebookresearch/dlrm torchrec_dlrm/multi_hot.py + scripts/materialize_synthetic_multihot_dataset.py "
     "(MLPerf DLRMv2); see trainer/data/multihot.py"
 )
-
-
-def _rank_pairing() -> tuple[int, ...]:
-    """Role index shown by each Terabyte column (see the module doc)."""
-    roles = sorted(range(len(CAT_FIELDS)), key=lambda i: (-KAGGLE_CARDINALITIES[i], i))
-    columns = sorted(range(len(CAT_FIELDS)), key=lambda j: (-TERABYTE_CARDINALITIES[j], j))
-    role_of = [0] * len(CAT_FIELDS)
-    for role, column in zip(roles, columns):
-        role_of[column] = role
-    return tuple(role_of)
-
-
-#: ROLE_OF_COLUMN[j] = index in ``layout.CAT_FIELDS`` of the role that Terabyte column j shows.
-ROLE_OF_COLUMN: tuple[int, ...] = _rank_pairing()
-
-
-def _check(table_sizes: str) -> None:
-    if table_sizes not in TABLE_SIZE_LISTS:
-        raise ValueError(f"table_sizes={table_sizes!r}: must be one of {list(TABLE_SIZE_LISTS)}")
-
-
-def base_cardinalities(table_sizes: str) -> tuple[int, ...]:
-    """Unscaled table size of each role (``layout.CAT_FIELDS`` order) under the named list."""
-    _check(table_sizes)
-    if table_sizes == "kaggle":
-        return KAGGLE_CARDINALITIES
-    sizes = [0] * len(CAT_FIELDS)
-    for column, role in enumerate(ROLE_OF_COLUMN):
-        sizes[role] = TERABYTE_CARDINALITIES[column]
-    return tuple(sizes)
-
-
-def column_order(table_sizes: str) -> np.ndarray:
-    """Indices such that ``sparse[:, column_order]`` puts the roles into the file's column order."""
-    _check(table_sizes)
-    return np.arange(len(CAT_FIELDS)) if table_sizes == "kaggle" else np.asarray(ROLE_OF_COLUMN)
 
 
 def _rename(obj: Any, names: dict[str, str]) -> Any:
@@ -98,7 +60,7 @@ def finish(out_dir: str | Path, manifest: dict[str, Any], table_sizes: str, writ
 
     ``manifest`` is the generator's (role order); the returned one is what ``manifest.json`` should hold.
     """
-    _check(table_sizes)
+    check_table_sizes(table_sizes)
     if table_sizes == "kaggle" and not write_multi_hot:
         return manifest
     manifest = dict(manifest)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import SyntheticConfig
+from .synthetic_config import SyntheticConfig
 from .entities import EntityModel, assign_parents, zipf_rank
-from .hashing import derive_key, hash_normal, hash_uniform
-from .layout import (
+from .keyed_random import derive_key, hash_normal, hash_uniform
+from .field_layout import (
     ATTRIBUTES, CAT_FIELDS, CAT_MISSING_GROUPS, DENSE_MAX, DENSE_MISSING_GROUPS, DENSE_SPECS, ENTITIES,
     I2_NEGATIVE, PLACEMENT, Layout,
 )  # fmt: skip

@@ -12,9 +12,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from trainer.data.types import dense_transform
+from trainer.data.records import dense_transform
 
-from .hashing import token_of
+from .keyed_random import token_of
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _TAB, _NL, _MINUS, _ZERO = 9, 10, 45, 48
