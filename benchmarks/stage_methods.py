@@ -115,7 +115,7 @@ def _method_options(method: str, shape: str, dim: int, lma_index: Optional[str])
 def build_lma_index(path: Path, names: Sequence[str], rows: Sequence[int], dist_name: str, sample_rows: int,
                     sample_ids: Any, seed: int = 0) -> None:
     """An index artifact from ``sample_rows`` synthetic rows (same id law as the benchmark batches), built
-    with the trainer's accumulator (``trainer.prepare.lma_index_build.build_lma_index`` minus the data loader)."""
+    with the trainer's accumulator (``embeddings.lma_build.build_index`` minus the data loader)."""
     from embeddings.hashing import mix64
     from embeddings.lma_index import IndexHeader, LmaIndex, save_index
     from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, key_salts, row_ranks

@@ -15,7 +15,7 @@ The result does not depend on the order of batches within a merge nor on how the
 
 :class:`IdCounts` is the result, saved as one uncompressed ``.npz`` (``numpy.load(path, allow_pickle=False)``):
 ``header`` (a JSON object: format, version, feature names, capacity, per-feature totals / exact / error bounds,
-and ``provenance``: the data fingerprint and the counting options, see ``trainer.prepare.provenance``), ``values``
+and ``provenance``: the data fingerprint and the counting options, see ``trainer.prepare.fingerprint``), ``values``
 (int64, per feature ascending, features concatenated), ``counts`` (int64) and ``offsets`` ([F + 1] int64).
 """
 

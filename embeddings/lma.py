@@ -7,7 +7,7 @@ occurs in - mixed with ``c`` and the seed (``embeddings.lma_minhash``), so value
 memory with probability ~Jaccard**K and others collide only at random (~1/rows).
 
 The minhash signatures come from an index artifact (``embeddings.lma_index``) built by
-``compactrec lma-index CONFIG`` (``trainer.prepare.lma_index_build``) and named by ``embeddings.options.index_path``. At
+``compactrec lma-index CONFIG`` (``embeddings.lma_build``) and named by ``embeddings.options.index_path``. At
 build the module checks the artifact against the config (format version, seed, K, chunks, features) and
 derives each indexed value's C int32 rows for the configured memory size; it keeps them with the sorted
 value keys as replicated buffers - ``V * (8 + 4 C)`` bytes, counted in the memory report - and looks ids up
@@ -20,6 +20,7 @@ of the dictionary (their entries would never be read), which the budget then spe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -36,6 +37,7 @@ from embeddings.remap import (
     wrap_of,
 )
 from embeddings.id_hash import salted_hash
+from embeddings.lma_build import HOOKS
 from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_index, read_header
 from embeddings.hot_rows import HotSet, hot_bytes
 from embeddings.lma_minhash import SEMANTIC_SETS, KEY_SEED, chunk_addresses, key_salts, value_keys
@@ -208,7 +210,7 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
 
-SPEC = remapped_spec(
+SPEC = dataclasses.replace(remapped_spec(
     "lma", LmaOptions, LmaEmbeddingBagCollection,
     "LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
-)
+), artifact=HOOKS)

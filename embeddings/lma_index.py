@@ -6,7 +6,7 @@ One uncompressed ``.npz`` file (``numpy.load(path, allow_pickle=False)`` reads i
   ``version``, the parameters the signatures depend on (``seed``, ``num_chunks`` C, ``num_hashes`` K,
   ``key_seed``, ``feature_names`` in feature-index order, ``min_count``, ``sample_rows``, ``semantic_set``,
   ``context_min_values``), provenance (``source``:
-  the fingerprint of the training split, ``trainer.prepare.provenance.data_fingerprint``; ``created``) and outcomes
+  the fingerprint of the training split, ``trainer.prepare.fingerprint.data_fingerprint``; ``created``) and outcomes
   (rows sampled/available, values seen/covered).
 - ``keys`` [V] int64, strictly increasing: value keys ``hash64(x, f, key_seed, 0)`` (``embeddings.lma_minhash``).
 - ``signatures`` [V, C*K] int32: minhash ``j`` of the value's semantic set (``embeddings.lma_minhash``): with

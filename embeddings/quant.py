@@ -30,8 +30,6 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.types import DataType
 
-from embeddings.remap import RemappedEmbeddingBagCollection
-from embeddings.memrec.module import MemRecModuleBase
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ logger = logging.getLogger(__name__)
 PRECISIONS: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8,
                                    "int4": DataType.INT4}
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
-FORMS = ("full", "remapped", "memrec")
 CHUNK_ROWS = 1 << 18  # rows quantized at a time: bounds the float copy a large table needs
 
 
@@ -190,7 +187,7 @@ class ReducedIdsEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 # ---- taking a float module apart and putting the inference module together ------------------------------------
 @dataclass
 class SparseParts:
-    """An inference sparse module as plain data: ``form`` (one of :data:`FORMS`), the inner tables' configs,
+    """An inference sparse module as plain data: ``form`` (one of :func:`known_forms`), the inner tables' configs,
     whether their lookups are weighted, their quantized rows, the layout object (``None`` for ``full``), the
     module's own buffers (non-persistent ones included: salts, dictionaries, hot-id keys) and its other
     parameters (MEM-REC's weight table), all on the CPU."""
@@ -208,17 +205,41 @@ class SparseParts:
         return sum(table_bytes(t) for t in self.tables.values() if not callable(t))
 
 
+@dataclass(frozen=True)
+class InferenceForm:
+    """How a method's module becomes its inference module: the module types it covers, the attribute of its inner
+    EmbeddingBagCollection (swapped for the quantized one) and ``shell(layout)``, the module rebuilt on ``meta``
+    around a layout. Registered by the module's own file (:func:`register_form`), so a new method adds its form
+    without editing this one."""
+
+    module_type: type
+    inner: str
+    shell: Callable[[Any], nn.Module]
+
+
+_FORMS: Dict[str, InferenceForm] = {}
+
+
+def register_form(name: str, form: InferenceForm) -> None:
+    if name == "full" or (name in _FORMS and _FORMS[name] != form):
+        raise ValueError(f"inference form {name!r} is already registered")
+    _FORMS[name] = form
+
+
+def known_forms() -> List[str]:
+    """``full`` (a plain EmbeddingBagCollection) and every registered form."""
+    return ["full", *_FORMS]
+
+
 def _form(module: nn.Module) -> str:
-    if isinstance(module, RemappedEmbeddingBagCollection):
-        return "remapped"
-    if isinstance(module, MemRecModuleBase):
-        return "memrec"
+    exact = [name for name, f in _FORMS.items() if type(module) is f.module_type]
+    covering = exact or [name for name, f in reversed(list(_FORMS.items())) if isinstance(module, f.module_type)]
+    if covering:
+        return covering[0]
     if isinstance(module, EmbeddingBagCollection):
         return "full"
-    raise TypeError(f"no inference form for a {type(module).__name__} sparse module")
-
-
-INNER = {"remapped": "ebc", "memrec": "token_ebc"}
+    raise TypeError(f"no inference form for a {type(module).__name__} sparse module (register one with "
+                    "embeddings.quant.register_form)")
 
 
 def _fused_hashing(layout: Any) -> Any:
@@ -235,7 +256,7 @@ def split_sparse(module: nn.Module, precision: str) -> SparseParts:
     """Quantize ``module``'s inner tables to ``precision``; keep its layout, buffers and other parameters."""
     check_precision(precision)
     form = _form(module)
-    inner: EmbeddingBagCollection = module if form == "full" else getattr(module, INNER[form])
+    inner: EmbeddingBagCollection = module if form == "full" else getattr(module, _FORMS[form].inner)
     configs = [config_dict(c) for c in inner.embedding_bag_configs()]
     check_dims([config_from_dict(c, precision) for c in configs], precision)
     tables: Dict[str, TableSource] = {}
@@ -248,7 +269,7 @@ def split_sparse(module: nn.Module, precision: str) -> SparseParts:
     if form == "full":
         rows = torch.tensor([c["num_embeddings"] for c in configs for _ in c["feature_names"]])
         return SparseParts(form, precision, configs, False, tables, buffers={"rows": rows})
-    inner_prefix = INNER[form] + "."
+    inner_prefix = _FORMS[form].inner + "."
     buffers = {n: b.detach().cpu() for n, b in module.named_buffers() if not n.startswith(inner_prefix)}
     parameters = {n: p.detach().cpu() for n, p in module.named_parameters() if not n.startswith(inner_prefix)}
     return SparseParts(form, precision, configs, bool(inner.is_weighted()), tables, _fused_hashing(module.layout),
@@ -273,18 +294,19 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, kind: str) ->
 
 def build_sparse(parts: SparseParts, device: torch.device) -> nn.Module:
     """The inference sparse module of ``parts`` on ``device``: the method's module around a quantized EBC."""
-    if parts.form not in FORMS:
-        raise ValueError(f"unknown sparse module form {parts.form!r} (known: {', '.join(FORMS)})")
+    if parts.form not in known_forms():
+        raise ValueError(f"unknown sparse module form {parts.form!r} (known: {', '.join(known_forms())}); the "
+                         "method that writes it registers it with embeddings.quant.register_form")
     check_precision(parts.precision)
     qebc = quantized_ebc(parts.configs, parts.is_weighted, parts.tables, parts.precision, device)
     if parts.form == "full":
         return ReducedIdsEmbeddingBagCollection(qebc, parts.buffers["rows"].to(device).clone())
     # the method's own module, built on meta (no float table), with the quantized EBC in place of its inner one
-    shell: nn.Module = (RemappedEmbeddingBagCollection(parts.layout, device=torch.device("meta")) if parts.form ==
-                        "remapped" else MemRecModuleBase(parts.layout, device=torch.device("meta")))
-    setattr(shell, INNER[parts.form], qebc)
-    expected = {n for n, _ in shell.named_buffers() if not n.startswith(INNER[parts.form] + ".")}
-    expected_params = {n for n, _ in shell.named_parameters() if not n.startswith(INNER[parts.form] + ".")}
+    form = _FORMS[parts.form]
+    shell = form.shell(parts.layout)
+    setattr(shell, form.inner, qebc)
+    expected = {n for n, _ in shell.named_buffers() if not n.startswith(form.inner + ".")}
+    expected_params = {n for n, _ in shell.named_parameters() if not n.startswith(form.inner + ".")}
     if expected != set(parts.buffers) or expected_params != set(parts.parameters):
         raise ValueError(f"the {parts.form} module of this code has buffers {sorted(expected)} and parameters "
                          f"{sorted(expected_params)}; the artifact has {sorted(parts.buffers)} and "
@@ -301,5 +323,5 @@ def to_inference(module: nn.Module, precision: str, device: Optional[torch.devic
     return build_sparse(split_sparse(module, precision), device or torch.device("cpu"))
 
 
-__all__ = ["BITS", "PRECISIONS", "ReducedIdsEmbeddingBagCollection", "SparseParts", "build_sparse", "check_precision",
-           "quantize_rows", "quantize_table", "quantized_ebc", "split_sparse", "to_inference"]
+__all__ = ["BITS", "InferenceForm", "PRECISIONS", "ReducedIdsEmbeddingBagCollection", "SparseParts", "build_sparse", "check_precision",
+           "known_forms", "quantize_rows", "quantize_table", "quantized_ebc", "register_form", "split_sparse", "to_inference"]

@@ -51,3 +51,13 @@ def get(name: str) -> SparseArchSpec:
 def names() -> List[str]:
     """All known method names (built-in ones whether or not imported yet)."""
     return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def load_plugins(modules: List[str]) -> None:
+    """Import the modules of methods from outside this package (``embeddings.plugins`` of the config): each
+    registers its spec with :func:`register` (and its sharding module its sharder); an import error names it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"embeddings.plugins: cannot import {module!r} ({exc})") from exc

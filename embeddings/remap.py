@@ -31,6 +31,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.quant import InferenceForm, register_form
 from embeddings.checks import check_choice, check_int, check_layout_args, select_features, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
 from embeddings.hot_rows import HotLookup, HotSet
@@ -317,3 +318,6 @@ def remapped_spec(name: str, options_type: type, module_type: Callable[[SparseAr
         ids="raw",
         description=description,
     )
+
+
+register_form("remapped", InferenceForm(RemappedEmbeddingBagCollection, "ebc", lambda layout: RemappedEmbeddingBagCollection(layout, device=torch.device("meta"))))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 if TYPE_CHECKING:
     from embeddings.id_counts import IdCounts
@@ -147,6 +148,46 @@ class MemoryReport:
         }
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The training split as a method's artifact hooks see it; the trainer supplies it from its config
+    (``trainer.prepare.run.training_data``), so a method builds its artifact without knowing file formats.
+
+    - ``feature_names`` / ``embedding_dim``: the model's sparse features and embedding width.
+    - ``fingerprint()``: what the data is (files, sizes, mtimes, days) - recorded in an artifact's header and
+      compared by :mod:`embeddings.provenance`.
+    - ``num_rows()``: rows of the split; ``batches()``: KJTs of raw ids of every row in data order (any cut).
+    """
+
+    feature_names: Sequence[str]
+    embedding_dim: int
+    fingerprint: Callable[[], Dict[str, Any]]
+    num_rows: Callable[[], int]
+    batches: Callable[[], Iterable[KeyedJaggedTensor]]
+    where: str = "the training split"
+
+
+@dataclass(frozen=True)
+class ArtifactHooks:
+    """A method that needs a file built from the training data (LMA's minhash index), as the trainer sees it:
+    ``compactrec prepare`` builds it, training and the pre-launch check check it, checkpoints record it.
+
+    - ``name``: what it is, in messages ("LMA index"); ``path_option``: the option that names its file.
+    - ``path(options)``: the configured file, or None when the options name none.
+    - ``build(options, data, out)``: build it from ``data`` into ``out``; returns a summary line.
+    - ``differences(options, data)``: None when the file is missing, else the fields where it differs from the
+      options and the data ([] = current; an unreadable file is one difference).
+    - ``check(options, data, rebuild_command)``: raise naming ``rebuild_command`` unless it is current.
+    """
+
+    name: str
+    path_option: str  # the option naming the file, e.g. "embeddings.options.index_path"
+    path: Callable[[Any], Optional[str]]
+    build: Callable[[Any, TrainingData, str], str]
+    differences: Callable[[Any, TrainingData], Optional[List[str]]]
+    check: Callable[[Any, TrainingData, str], None]
+
+
 BuildFn = Callable[[SparseArchContext, Any], nn.Module]
 ConstraintsFn = Callable[[nn.Module, Any, TopologyInfo], Dict[str, ParameterConstraints]]
 MemoryFn = Callable[[nn.Module, SparseArchContext, Any, str], MemoryReport]
@@ -168,6 +209,7 @@ class SparseArchSpec:
     - ``memory(module, ctx, options, sparse_optimizer)``: exact bytes kept, see :class:`MemoryReport`.
     - ``dense_head(options)``: a model class replacing DLRM's interaction for this method (e.g. MEM-REC's
       per-sample variant concatenates one vector per sample), or None.
+    - ``artifact``: :class:`ArtifactHooks` when the method needs a file built from the data, else None.
     - ``ids``: "raw" if the module accepts any int64 id (compressed methods hash them), or "table" if
       ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``);
       ``ids_for(options)``, when given, decides per options instead (:meth:`id_mode`).
@@ -182,6 +224,7 @@ class SparseArchSpec:
     description: str = ""
     dense_head: Optional[DenseHeadFn] = None
     ids_for: Optional[Callable[[Any], str]] = None
+    artifact: Optional[ArtifactHooks] = None
 
     def __post_init__(self) -> None:
         if self.ids not in ("raw", "table"):

@@ -50,7 +50,7 @@ from sharding.lma import LmaEmbeddingBagCollectionSharder
 from sharding.memrec import MemRecEmbeddingBagCollectionSharder
 from sharding.qr import QREmbeddingBagCollectionSharder
 from sharding.robe import RobeEmbeddingBagCollectionSharder
-from trainer.prepare.lma_index_build import build_index_from_batches
+from embeddings.lma_build import build_index_from_batches
 
 KINDS = ("full", "memrec", "hash", "robe", "lma", "qr")
 FEATURES = ["user", "item", "ad", "context"]

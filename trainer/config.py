@@ -68,6 +68,9 @@ class EmbeddingsConfig:
     # per feature, from `compactrec prepare`'s id counts) or "auto" (the manifest if it has sizes, else counts)
     table_sizes: str = "auto"
     options: Dict[str, Any] = field(default_factory=dict)  # checked by the method's options dataclass
+    # modules to import before `kind` is looked up: methods from outside the package (each registers its spec in
+    # embeddings.registry, its sharding module its sharder in sharding.registry); importable on every rank
+    plugins: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.table_sizes not in TABLE_SIZES:
@@ -339,6 +342,7 @@ def check_embedding_options(config: Config, source: str) -> None:
     from embeddings import registry
 
     try:
+        registry.load_plugins(config.embeddings.plugins)
         spec = registry.get(config.embeddings.kind)
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"{source}: embeddings.kind: {exc.args[0] if exc.args else exc}") from None

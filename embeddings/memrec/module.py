@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.quant import InferenceForm, register_form
 from embeddings.hot_rows import HotSet
 from embeddings.memrec.layout import MemRecLayout, PerTokenLayout, init_weight_table
 from embeddings.memrec.options import MemRecOptions
@@ -122,3 +123,6 @@ class MemRecEmbeddingBagCollection(MemRecModuleBase):
         if hot is not None:
             layout.set_hot(hot)
         super().__init__(layout, device, pooling_factors)
+
+
+register_form("memrec", InferenceForm(MemRecModuleBase, "token_ebc", lambda layout: MemRecModuleBase(layout, device=torch.device("meta"))))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.prepare.provenance import ArtifactMismatch, check_provenance, data_fingerprint, differences, split_files
+from embeddings.provenance import ArtifactMismatch, check_provenance, differences
+from trainer.prepare.fingerprint import data_fingerprint, split_files
 from trainer.data.data_config import DataConfig
 
 

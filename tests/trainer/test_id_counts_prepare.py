@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_overrides
-from trainer.prepare.provenance import ArtifactMismatch
+from embeddings.provenance import ArtifactMismatch
 from trainer.commands.cli import main
 from trainer.config import load_config
 from trainer.prepare.dataset_info import dataset_info

@@ -24,7 +24,8 @@ from tests.dist_utils import run_multiprocess
 from trainer.commands import cli
 from trainer.config import Config, load_config
 from trainer.data import loader
-from trainer.prepare.lma_index_build import build_lma_index, lma_options, run_lma_index
+from embeddings.lma_build import build_index
+from trainer.prepare.run import build_artifact, method_artifact, training_data
 from trainer.strict import from_dict
 from trainer.prepare.run import prepare
 
@@ -75,9 +76,9 @@ def _explicit_signatures(config: Config, options: LmaOptions, num_functions: int
 def test_index_signatures_equal_explicit_sets_of_the_sampled_rows(tiny_dataset: Path, tmp_path: Path) -> None:
     config = _lma_config(tiny_dataset, tmp_path, "embeddings.options.sample_rows=300",
                          "embeddings.options.chunk_size=8", "embeddings.options.min_count=1")
-    options = lma_options(config)
-    streamed = build_lma_index(config, options, max_pairs=1000)  # many merges: bounded buffer
-    one_pass = build_lma_index(config, options, max_pairs=10**8)
+    options = method_artifact(config)[1]
+    streamed = build_index(options, training_data(config), max_pairs=1000)  # many merges: bounded buffer
+    one_pass = build_index(options, training_data(config), max_pairs=10**8)
     assert np.array_equal(streamed.keys, one_pass.keys) and np.array_equal(streamed.signatures, one_pass.signatures)
     header = streamed.header
     assert header.rows_sampled == 300 and header.rows_available == 15000  # every row, not 58 whole batches of 256
@@ -91,11 +92,11 @@ def test_index_signatures_equal_explicit_sets_of_the_sampled_rows(tiny_dataset: 
 
 def test_run_lma_index_writes_the_artifact_and_min_count_filters(tiny_dataset: Path, tmp_path: Path) -> None:
     config = _lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=1")
-    summary = run_lma_index(config)
+    summary = build_artifact(config)
     header = read_header(tmp_path / "index.npz")
     assert f"{header.values_covered:,} values covered" in summary and "15,000 sampled" in summary
     assert header.values_covered == header.values_seen > 10_000
-    filtered = run_lma_index(_lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=3"),
+    filtered = build_artifact(_lma_config(tiny_dataset, tmp_path, "embeddings.options.min_count=3"),
                              out=str(tmp_path / "mc3.npz"))
     index = load_index(tmp_path / "mc3.npz")
     assert "min_count 3" in filtered and 0 < index.header.values_covered < header.values_covered

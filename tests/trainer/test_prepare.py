@@ -16,7 +16,8 @@ from embeddings.lma_index import load_index, save_index
 from tests.conftest import tiny_overrides
 from trainer.commands.cli import main
 from trainer.config import load_config
-from trainer.prepare.lma_index_build import build_lma_index, lma_options
+from embeddings.lma_build import build_index
+from trainer.prepare.run import method_artifact, training_data
 
 PRESET = "configs/lma_small.yaml"
 
@@ -44,7 +45,7 @@ def test_index_is_the_same_for_any_batch_size(tiny_dataset: Path, tmp_path: Path
     for batch in (256, 7):
         config = load_config(PRESET, _args(tiny_dataset, tmp_path, f"data.batch_size={batch}",
                                            "embeddings.options.sample_rows=15000")[1:])
-        built.append(build_lma_index(config, lma_options(config)))
+        built.append(build_index(method_artifact(config)[1], training_data(config)))
     a, b = built
     assert a.header.rows_sampled == a.header.rows_available == 15000  # every row, the last partial batch's too
     assert dataclasses.replace(a.header, created="") == dataclasses.replace(b.header, created="")

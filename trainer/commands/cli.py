@@ -56,10 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="key=value overrides of the generator config")
     g.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other settings")
 
-    li = sub.add_parser("lma-index", help="build the LMA minhash index artifact from the training data")
+    li = sub.add_parser("build-artifact", aliases=["lma-index"],
+                        help="build the method's artifact from the training data (LMA: its minhash index) into --out")
     li.add_argument("config")
     li.add_argument("overrides", nargs="*")
-    li.add_argument("--out", default=None, help="artifact path (default: embeddings.options.index_path)")
+    li.add_argument("--out", default=None, help="artifact path (default: the configured one, e.g. "
+                    "embeddings.options.index_path)")
 
     pr = sub.add_parser("prepare", help="build what the config's method needs before training (LMA index), once")
     pr.add_argument("config")
@@ -164,12 +166,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_lma_index(args: argparse.Namespace) -> int:
+def _cmd_build_artifact(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.prepare.lma_index_build import run_lma_index
+    from trainer.prepare.run import build_artifact
 
     config = load_config(args.config, args.overrides)
-    print(run_lma_index(config, args.out))
+    print(build_artifact(config, args.out))
     return 0
 
 
@@ -225,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command != "train":
         _setup_logging(0)
-    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "lma-index": _cmd_lma_index,
+    commands = {"train": _cmd_train, "generate": _cmd_generate, "plan": _cmd_plan, "build-artifact": _cmd_build_artifact, "lma-index": _cmd_build_artifact,
                 "compare": _cmd_compare, "prepare": _cmd_prepare, "export": _cmd_export, "score": _cmd_score}
     try:
         return commands[args.command](args)

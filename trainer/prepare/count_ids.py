@@ -4,7 +4,7 @@ One streamed pass over every row of the training split (``trainer.data.loader.it
 formats, no batching, so the result does not depend on batch size or world size) into
 ``embeddings.id_counts.FrequencyCounter`` (at most ``data.counts_capacity`` values per feature: bounded
 memory at any data size). The artifact (``data.counts_path``, default ``<data.path>/id_counts.npz``) records
-its provenance, the data fingerprint and the counting options (``trainer.prepare.provenance``): ``prepare`` rebuilds a
+its provenance, the data fingerprint and the counting options (``trainer.prepare.fingerprint``): ``prepare`` rebuilds a
 stale one, training refuses it naming what differs.
 
 Who needs it (:func:`needs_counts`): hot rows (``embeddings.options.hot_share > 0``), ``full`` with
@@ -23,7 +23,8 @@ from typing import Any, Dict, Optional
 
 from embeddings import registry
 from embeddings.id_counts import BUILD_COMMAND, FrequencyCounter, IdCounts, load_counts, read_header
-from trainer.prepare.provenance import ArtifactMismatch, check_provenance, data_fingerprint, differences
+from embeddings.provenance import ArtifactMismatch, check_provenance, differences
+from trainer.prepare.fingerprint import data_fingerprint
 from trainer.config import Config
 from trainer.data import loader
 from trainer.data.data_config import DataConfig

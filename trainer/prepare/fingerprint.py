@@ -1,4 +1,5 @@
-"""Provenance of what ``compactrec prepare`` builds from the data (LMA index, id frequencies, vocabularies).
+"""The fingerprint of a data split: what ``compactrec prepare``'s artifacts (LMA index, id frequencies,
+vocabularies) record of the data they were built from (the comparison itself: ``embeddings.provenance``).
 
 An artifact derived from the training split records, in its header, *where it came from* (the data source:
 format, directory, days, every file read with its size and modification time) and *every option that shaped
@@ -15,15 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from trainer.data.data_config import DataConfig
 from trainer.data.multihot import NPZ_SUFFIX
 from trainer.data.npy import day_path
-
-
-class ArtifactMismatch(ValueError):
-    """An artifact was built from other data or with other options than the config asks for."""
 
 
 def _file_entry(path: str) -> List[Any]:
@@ -76,36 +73,4 @@ def data_fingerprint(data: DataConfig, split: str = "train") -> Dict[str, Any]:
     return source
 
 
-def differences(recorded: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "") -> List[str]:
-    """Human-readable list of the fields where ``recorded`` differs from ``expected`` (nested mappings are
-    compared field by field; a field present in only one of them counts)."""
-    out: List[str] = []
-    for key in sorted(set(recorded) | set(expected)):
-        name = f"{prefix}{key}"
-        if key not in recorded:
-            out.append(f"{name}: not recorded (expected {expected[key]!r})")
-        elif key not in expected:
-            out.append(f"{name}: recorded {recorded[key]!r}, not expected")
-        elif isinstance(recorded[key], Mapping) and isinstance(expected[key], Mapping):
-            out += differences(recorded[key], expected[key], prefix=f"{name}.")
-        elif recorded[key] != expected[key]:
-            out.append(f"{name}: built with {_short(recorded[key])}, config gives {_short(expected[key])}")
-    return out
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def check_provenance(artifact: str | Path, recorded: Mapping[str, Any], expected: Mapping[str, Any],
-                     rebuild_command: str, what: Optional[str] = None) -> None:
-    """Raise :class:`ArtifactMismatch` naming the artifact, each differing field and ``rebuild_command``."""
-    diffs = differences(recorded, expected)
-    if diffs:
-        listed = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
-        raise ArtifactMismatch(f"{what or 'artifact'} {artifact} does not match the config: {listed}. "
-                               f"Rebuild it: {rebuild_command}")
-
-
-__all__: Sequence[str] = ["ArtifactMismatch", "check_provenance", "data_fingerprint", "differences", "split_files"]
+__all__: Sequence[str] = ["data_fingerprint", "split_files"]

@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
 from embeddings.ops import salted_hash as fused_hash
-from embeddings.quant import FORMS, PRECISIONS, SparseParts, build_sparse
+from embeddings.quant import PRECISIONS, SparseParts, build_sparse
 from trainer.config import Config
 from trainer.serve.export import FORMAT, VERSION, versions
 from trainer.strict import from_dict
@@ -74,7 +74,7 @@ def read_artifact(path: Union[str, Path]) -> Dict[str, Any]:
         raise ArtifactError(f"{path}: table precision {payload['precision']!r} is not one fbgemm's inference TBE "
                             f"runs in this installation ({', '.join(PRECISIONS)})")
     sparse = payload["sparse"]
-    if not isinstance(sparse, dict) or sparse.get("form") not in FORMS:
+    if not isinstance(sparse, dict) or not isinstance(sparse.get("form"), str):
         raise ArtifactError(f"{path}: inference artifact has no valid sparse module (form "
                             f"{sparse.get('form') if isinstance(sparse, dict) else sparse!r})")
     here = versions()
@@ -101,6 +101,7 @@ def _build(payload: Dict[str, Any], source: str, device: torch.device) -> nn.Mod
     from trainer.train.model import SparseArch, build_dlrm, sparse_context
 
     config = from_dict(Config, payload["config"], source=source)
+    registry.load_plugins(config.embeddings.plugins)
     spec = registry.get(payload["embeddings"])
     options: Any = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
     s = payload["sparse"]

@@ -9,7 +9,7 @@ A checkpoint is ``RUN_DIR/checkpoints/step_<N>/``:
 - ``rank_<r>.pt``: that rank's RNG states (python, numpy, torch, and CUDA on its current device).
 - ``config.yaml``: the resolved configuration of the run that wrote it.
 - ``COMPLETE.json``, written last: data position (epoch, global step, steps into the epoch), global batch,
-  LMA index path, the evaluations so far. A directory without it is not a checkpoint.
+  method's artifact (e.g. the LMA index) path, the evaluations so far. A directory without it is not a checkpoint.
 
 Writes go to ``step_<N>.tmp/`` and are renamed once every rank has finished and the marker is in place, so a
 crash mid-save leaves only a ``.tmp`` directory (ignored and replaced later). The last ``keep`` are kept.
@@ -36,6 +36,7 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from trainer.config import Config, save_config
+from trainer.prepare.run import artifact_path
 from trainer.train.distributed import DistContext
 
 logger = logging.getLogger(__name__)
@@ -128,10 +129,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _lma_index_path(config: Config) -> Optional[str]:
-    return config.embeddings.options.get("index_path") if config.embeddings.kind == "lma" else None
-
-
 def _training_state(model: nn.Module, optimizer: Any) -> Dict[str, Any]:
     return {"model": model.state_dict(), "optim": optimizer.state_dict()}
 
@@ -155,7 +152,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: Any, position: T
         meta = {
             "format_version": FORMAT_VERSION, "epoch": position.epoch, "step": position.step,
             "step_in_epoch": position.step_in_epoch, "world_size": ctx.world_size,
-            "global_batch": config.data.batch_size * ctx.world_size, "lma_index_path": _lma_index_path(config),
+            "global_batch": config.data.batch_size * ctx.world_size, "artifact_path": artifact_path(config),
             "evals": position.evals, "skipped_batches": position.skipped,
         }
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
