@@ -44,32 +44,24 @@ from embedding_stage import TB_ROWS, sample_ids, scaled_rows
 from embeddings import registry
 from embeddings.quant import (
     BITS,
-    INNER,
     ReducedIdsEmbeddingBagCollection,
     SparseParts,
     _form,
+    inner_ebc,
     build_sparse,
     config_dict,
 )
 from embeddings.types import SparseArchContext
 from stage_methods import build_lma_index
+from variants import sized_options, variant
 from trainer.strict import from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROW_ALIGNMENT = 16  # TorchRec's quantized EBC pads every row to 16 bytes
-METHODS = {
-    "full": ("full", {}),
-    # MEM-REC's released CriteoTB setting (D = dw = 75000, K = kw = 1): per token (drop-in, one vector per sample
-    # and feature) and per sample (the released code: one bag of all a sample's ids, one vector per sample)
-    "memrec": ("memrec", {"num_token_rows": 75000, "num_weight_rows": 75000, "num_token_hashes": 1,
-                          "num_weight_hashes": 1, "weight_init": "ones", "hash_backend": "fused"}),
-    "memrec_sample": ("memrec", {"num_token_rows": 75000, "num_weight_rows": 75000, "num_token_hashes": 1,
-                                 "num_weight_hashes": 1, "weight_init": "ones", "hash_backend": "fused",
-                                 "granularity": "per_sample"}),
-    "robe": ("robe", {"memory_fraction": 1 / 16, "chunk_size": 128, "hash_backend": "fused"}),
-    "hash": ("hash", {"memory_fraction": 1 / 16, "hash_backend": "fused"}),
-    "lma": ("lma", {"memory_fraction": 1 / 16, "chunk_size": 128, "num_hashes": 2, "hash_backend": "fused"}),
-}
+# the variants measured here, with their hashing on the registered operator (the inference path)
+INFERENCE_VARIANTS = ("full", "memrec", "memrec_sample", "robe", "hash", "lma")
+METHODS = {name: (variant(name).kind, {**sized_options(name, 128), **({} if name == "full" else {"hash_backend": "fused"})})
+           for name in INFERENCE_VARIANTS}
 
 
 def row_bytes(dim: int, precision: str) -> int:
@@ -94,7 +86,7 @@ def build_method(name: str, ctx: SparseArchContext, precision: str, lma_index: O
     shell = spec.build(SparseArchContext(ctx.feature_names, ctx.num_embeddings_per_feature, ctx.embedding_dim,
                                          torch.device("meta")), options)
     form = _form(shell)
-    inner = shell if form == "full" else getattr(shell, INNER[form])
+    inner = inner_ebc(shell)
     configs = [config_dict(c) for c in inner.embedding_bag_configs()]
     gen = torch.Generator().manual_seed(0)
     # float rows made and quantized chunk by chunk straight into the kernel's storage

@@ -34,33 +34,23 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (also when loaded from its file)
+from variants import PROTOCOL_METHODS, protocol_overrides  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin" / "compactrec"
-METHODS = ("full", "full_mod", "hash", "robe", "memrec", "lma", "qr", "lma_values")
 # sparse_lr 0.2 for every method, full included: each improved over 0.1 (the 2-rank preset's value) single-process
 # at global batch 1024, 0.4 was worse (docs/RESULTS.md 3.6)
 COMMON = ["embeddings.table_sizes=counts", "training.evals_per_epoch=1", "training.final_test=false",
           "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200",
           "optimizer.sparse_lr=0.2"]
 # the protocol's per-method settings (chosen by the sweeps in docs/RESULTS.md; override with --set)
-METHOD_DEFAULTS: Dict[str, List[str]] = {
-    "full": ["embeddings.kind=full", "embeddings.options.ids=vocabulary"],
-    "full_mod": ["embeddings.kind=full", "embeddings.options.ids=mod"],
-    "hash": ["embeddings.kind=hash"],
-    "robe": ["embeddings.kind=robe"],
-    "memrec": ["embeddings.kind=memrec", "embeddings.options.weight_init=ones"],
-    "lma": ["embeddings.kind=lma", "embeddings.options.num_hashes=2", "embeddings.options.min_count=2"],
-    "qr": ["embeddings.kind=qr"],
-    "lma_values": ["embeddings.kind=lma", "embeddings.options.num_hashes=2", "embeddings.options.min_count=2",
-                   "embeddings.options.semantic_set=values"],
-}
-
-
 def dataset_split(path: str) -> List[str]:
     """Train on every day but the last, validate on the first half of the last (as the generator's days)."""
     manifest = json.loads((Path(path) / "manifest.json").read_text())
@@ -78,7 +68,7 @@ def cell_name(cell: Dict[str, Any]) -> str:
 def cell_overrides(cell: Dict[str, Any], data_path: str, runs_root: Path, sets: Dict[str, List[str]],
                    extra: List[str]) -> List[str]:
     method = cell["method"]
-    ov = [*dataset_split(data_path), *COMMON, *METHOD_DEFAULTS[method], f"training.seed={cell['seed']}",
+    ov = [*dataset_split(data_path), *COMMON, *protocol_overrides(method), f"training.seed={cell['seed']}",
           f"training.epochs={cell['epochs']}"]
     if method not in ("full", "full_mod"):
         ov += [f"embeddings.options.budget={cell['budget']}", f"embeddings.options.hot_share={cell['hot']}"]
@@ -238,7 +228,7 @@ def markdown(rows: List[Dict[str, Any]], tolerance: float) -> str:
             f"{row['logloss_1']:.4f} | {row['auc_best']:.4f} {row['best_epochs']} | {db[0]:+.4f} ± {db[1]:.4f} |")
     lines += ["", f"Smallest bytes within {tolerance} val AUC of full (1 epoch, mean over seeds), per method:", ""]
     for ds in sorted({r["dataset"] for r in rows}):
-        for method in METHODS[2:]:
+        for method in PROTOCOL_METHODS[2:]:
             cands = [r for r in rows if r["dataset"] == ds and r["method"] == method]
             if not cands:
                 continue
@@ -315,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r = sub.add_parser("run", help="run the cells not yet in --results")
     r.add_argument("--data", required=True, help="name=path[,name=path]")
     r.add_argument("--config", default="configs/default.yaml")
-    r.add_argument("--methods", default=",".join(METHODS))
+    r.add_argument("--methods", default=",".join(PROTOCOL_METHODS))
     r.add_argument("--budgets", default="0.1,0.01,0.001", help="fractions of the full tables' bytes")
     r.add_argument("--hot", default="0,0.5", help="hot shares")
     r.add_argument("--seeds", default="0,1,2")
@@ -335,9 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.command == "run":
         args.data = dict(kv.split("=", 1) for kv in args.data.split(","))
         args.methods = [m for m in args.methods.split(",") if m]
-        unknown = [m for m in args.methods if m not in METHODS]
+        unknown = [m for m in args.methods if m not in PROTOCOL_METHODS]
         if unknown:
-            p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+            p.error(f"unknown methods {unknown}; known: {', '.join(PROTOCOL_METHODS)}")
         args.budgets = [float(b) for b in args.budgets.split(",")]
         args.hot = [float(h) for h in args.hot.split(",")]
         args.seeds = [int(s) for s in args.seeds.split(",")]

@@ -38,6 +38,7 @@ from trainer.config import OptimizerConfig
 from trainer.train.optim import apply_sparse_optimizer
 from trainer.strict import from_dict
 from sharding.sharders import sharders_for
+from variants import sized_options, variant as method_variant  # benchmarks/ is on sys.path when a benchmark runs
 
 FUSED_SUFFIX = "_fused"
 MODIFIERS = ("weighted", "rowwise", "dp", "b100", "hot")
@@ -91,25 +92,11 @@ def _method_options(method: str, shape: str, dim: int, lma_index: Optional[str])
         if kind == "full":
             raise ValueError("full has no id hashing (no _fused variant)")
         return kind, {**opts, "hash_backend": "fused"}
-    if method == "full":
-        return "full", {}
-    if method == "memrec":  # released CriteoTB setting: D = dw = 75000, K = kw = 1, shared tables
-        return "memrec", {"num_token_rows": 75000, "num_weight_rows": 75000, "num_token_hashes": 1,
-                          "num_weight_hashes": 1, "weight_init": "ones"}
-    if method == "memrec_k2":  # the small-config setting K = 2
-        return "memrec", {"num_token_rows": 75000, "num_weight_rows": 75000, "num_token_hashes": 2,
-                          "num_weight_hashes": 1, "weight_init": "ones"}
-    if method == "lma":
-        return "lma", {"memory_fraction": 1 / 16, "chunk_size": dim, "num_hashes": 2, "index_path": lma_index}
-    if method == "robe":
-        return "robe", {"memory_fraction": 1 / 16, "chunk_size": dim}
-    if method == "robe_c4":  # 4 chunks per id (Z = dim / 4): the quality protocol's best at 1/100 and 1/1000
-        return "robe", {"memory_fraction": 1 / 16, "chunk_size": dim // 4}
-    if method == "hash":
-        return "hash", {"memory_fraction": 1 / 16}
-    if method == "qr":
-        return "qr", {"num_collisions": 4}
-    raise ValueError(f"unknown method {method!r}")
+    kind = method_variant(method).kind
+    opts = sized_options(method, dim)
+    if kind == "lma":
+        opts["index_path"] = lma_index
+    return kind, opts
 
 
 def build_lma_index(path: Path, names: Sequence[str], rows: Sequence[int], dist_name: str, sample_rows: int,

@@ -231,6 +231,12 @@ def known_forms() -> List[str]:
     return ["full", *_FORMS]
 
 
+def inner_ebc(module: nn.Module) -> EmbeddingBagCollection:
+    """The EmbeddingBagCollection whose tables a sparse module of any known form looks up."""
+    form = _form(module)
+    return module if form == "full" else getattr(module, _FORMS[form].inner)
+
+
 def _form(module: nn.Module) -> str:
     exact = [name for name, f in _FORMS.items() if type(module) is f.module_type]
     covering = exact or [name for name, f in reversed(list(_FORMS.items())) if isinstance(module, f.module_type)]
@@ -324,4 +330,4 @@ def to_inference(module: nn.Module, precision: str, device: Optional[torch.devic
 
 
 __all__ = ["BITS", "InferenceForm", "PRECISIONS", "ReducedIdsEmbeddingBagCollection", "SparseParts", "build_sparse", "check_precision",
-           "known_forms", "quantize_rows", "quantize_table", "quantized_ebc", "register_form", "split_sparse", "to_inference"]
+           "inner_ebc", "known_forms", "quantize_rows", "quantize_table", "quantized_ebc", "register_form", "split_sparse", "to_inference"]
