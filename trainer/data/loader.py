@@ -27,7 +27,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -42,10 +42,6 @@ logger = logging.getLogger(__name__)
 
 # The file stem TorchRec's `npy_preproc_criteo --dataset_name criteo_kaggle` gives Kaggle's train.txt.
 KAGGLE_NPY_STEM = "train"
-
-# Bad-row counts of the latest stream of each split in this process (for the end-of-run report).
-_LATEST_SKIPS: Dict[str, "collections.Counter[str]"] = {}
-
 
 def feature_names() -> Tuple[List[str], List[str]]:
     """(dense feature names, sparse feature names = KJT keys)."""
@@ -223,14 +219,14 @@ def count_rows(cfg: DataConfig, split: str) -> int:
 
 class BatchStream(Iterator[Batch]):
     """The rank's batches. ``num_batches`` is known up front except for streamed TSV training;
-    ``bad_row_counts`` (reason -> rows, TSV "skip" policy) is complete once the stream is exhausted."""
+    ``bad_row_counts`` (reason -> rows, TSV "skip" policy) is complete once the stream is exhausted; whoever
+    made the stream asks it (every rank parses every line, so rank 0's counts cover the whole split)."""
 
     def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.split = split
         self.bad_row_counts: "collections.Counter[str]" = collections.Counter()
-        _LATEST_SKIPS[split] = self.bad_row_counts
         source, rows = _split_source(cfg, split)
         is_eval = split != "train"
         per_rank = cfg.eval_batch_size if is_eval else cfg.batch_size
@@ -293,12 +289,6 @@ class BatchStream(Iterator[Batch]):
         if report and self.bad_row_counts:
             logger.warning("%s: skipped %d bad rows: %s", self.split, sum(self.bad_row_counts.values()),
                            dict(self.bad_row_counts))
-
-
-def skip_report() -> Dict[str, Dict[str, int]]:
-    """{split: {reason: rows}} skipped under ``bad_rows: skip`` by the latest stream of each split in this
-    process (every rank parses every line, so rank 0's report covers the whole split)."""
-    return {split: dict(counts) for split, counts in _LATEST_SKIPS.items() if counts}
 
 
 def pooling_factors(cfg: DataConfig, sample_rows: int = 10_000) -> List[float]:

@@ -1,8 +1,9 @@
 """MLPerf-style structured events (``:::MLLOG {json}`` lines), kept apart from the human progress output.
 
-Rank 0 appends them to ``RUN_DIR/mlperf.log``. Keys follow the MLPerf logging conventions used by the
-recommendation (DLRMv2) benchmark: run_start/run_stop, eval_start/eval_stop, eval_accuracy with the epoch
-fraction in ``metadata.epoch_num``, train_samples/eval_samples, global_batch_size, opt_base_learning_rate.
+Rank 0 appends them to ``RUN_DIR/mlperf.log``, through the run's ``Reporter`` (``trainer/train/reporting.py``),
+which owns the logger. Keys follow the MLPerf logging conventions used by the recommendation (DLRMv2)
+benchmark: run_start/run_stop, eval_start/eval_stop, eval_accuracy with the epoch fraction in
+``metadata.epoch_num``, train_samples/eval_samples, global_batch_size, opt_base_learning_rate.
 """
 
 from __future__ import annotations

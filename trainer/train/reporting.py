@@ -1,5 +1,7 @@
 """Rank-0 reporting: one progress bar line (step, loss, samples/s), TensorBoard scalars, metrics.json,
-and the final summary. Other ranks report nothing."""
+the final summary, and the MLPerf-style events of ``trainer/train/mlperf_log.py`` (the ``Reporter`` owns the
+run's ``MLPerfLogger``): the training loop reports through the ``Reporter`` only. Other ranks report nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from embeddings.types import MemoryReport
-from trainer.config import Config
+from trainer.config import Config, OptimizerConfig
 from trainer.train.distributed import DistContext
+from trainer.train.mlperf_log import MLPerfLogger
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Reporter:
         self._writer: Any = None
         self._t_last = time.perf_counter()
         self._step_last = 0
+        self.mlperf = MLPerfLogger(run_dir / "mlperf.log" if ctx.is_main and config.training.mlperf_log else None)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
@@ -45,6 +49,41 @@ class Reporter:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    def start_run(self, info: Any, optim: OptimizerConfig, steps_per_epoch: int, eval_samples: int) -> None:
+        """The run's setup (log line and MLPerf events), then MLPerf's run_start."""
+        self.mlperf.event("global_batch_size", self.global_batch)
+        self.mlperf.event("opt_base_learning_rate", optim.sparse_lr)
+        self.mlperf.event("opt_name", optim.sparse)
+        self.log_start(info)
+        self.mlperf.event("train_samples", steps_per_epoch * self.global_batch)
+        self.mlperf.event("eval_samples", eval_samples)
+        self.mlperf.start("run_start")
+
+    def epoch_start(self, epoch: int) -> None:
+        self.mlperf.start("epoch_start", metadata={"epoch_num": epoch + 1})
+
+    def epoch_stop(self, epoch: int) -> None:
+        self.mlperf.end("epoch_stop", metadata={"epoch_num": epoch + 1})
+
+    def eval_start(self, epoch_fraction: float) -> None:
+        self.mlperf.start("eval_start", metadata={"epoch_num": epoch_fraction})
+
+    def on_val(self, step: int, epoch_fraction: float, metrics: Dict[str, float]) -> None:
+        """A periodic validation's end (MLPerf eval_stop and eval_accuracy) and its scalars."""
+        self.mlperf.end("eval_stop", metadata={"epoch_num": epoch_fraction})
+        self.mlperf.event("eval_accuracy", metrics["auc"], metadata={"epoch_num": epoch_fraction})
+        self.on_eval("val", step, metrics)
+
+    def on_test(self, metrics: Dict[str, float]) -> None:
+        """The final test's MLPerf event (its scalars are written by ``finish``)."""
+        self.mlperf.event("test_accuracy", metrics["auc"])
+
+    def nonfinite_skip(self, epoch: int, batch: int) -> None:
+        self.mlperf.event("nonfinite_skip", {"epoch": epoch, "batch": batch})
+
+    def run_stop(self, status: str) -> None:
+        self.mlperf.end("run_stop", metadata={"status": status})
 
     def log_start(self, info: Any) -> None:
         if not self.ctx.is_main:
@@ -86,6 +125,7 @@ class Reporter:
             logger.info(message)
 
     def finish(self, result: Dict[str, Any]) -> None:
+        self.mlperf.close()
         if not self.ctx.is_main:
             return
         if self._bar is not None:
