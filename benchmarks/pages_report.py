@@ -163,13 +163,29 @@ def quality_grid(path: Path, opt: Dict[str, str]) -> List[str]:
     return lines
 
 
+def _pm(d: Tuple[float, float, int]) -> str:
+    return f"{d[0]:+.4f}" + ("" if d[1] != d[1] else f" ± {d[1]:.4f}")
+
+
 def quality_all(path: Path, opt: Dict[str, str]) -> List[str]:
-    """Every aggregated cell (``benchmarks/quality.py report``'s table)."""
+    """Every aggregated cell: bytes, optimizer state, val AUC and its delta to full, logloss, best epoch."""
     import quality
     rows = _quality_rows(path)
-    if "tags" in opt:
-        rows = [r for r in rows if r["tag"] in opt["tags"].split(",")]
-    return quality.markdown(rows, float(opt.get("tolerance", 0.001))).rstrip("\n").splitlines()
+    lines = ["| log/tag | method | budget | hot share | epochs | bytes kept (ratio) | optimizer state | val AUC, 1 epoch "
+             "(mean ± std) | Δ vs full, 1 epoch (per seed) | logloss, 1 epoch | best of epochs AUC [epoch per seed] "
+             "| Δ best vs full's best |", "|---" * 12 + "|"]
+    for row in sorted(rows, key=lambda r: (r["dataset"], r["tag"], -r["budget"], r["method"], r["hot"], r["epochs"])):
+        full = quality._full_of(rows, row)
+        d1 = quality.delta(row, full, "auc_1") if full else (float("nan"),) * 3
+        db = quality.delta(row, full, "auc_best") if full else (float("nan"),) * 3
+        budget = "1" if row["method"] in ("full", "full_mod") else f"1/{round(1 / row['budget'])}"
+        std = "" if row["auc_1_std"] != row["auc_1_std"] else f" ± {row['auc_1_std']:.4f}"
+        lines.append(
+            f"| {row['dataset']}{'/' + row['tag'] if row['tag'] else ''} | {row['method']} | {budget} | {row['hot']:g} | "
+            f"{row['epochs']} | {row['total_bytes']:,} ({row['compression']:.1f}x) | {row['optimizer_state_bytes']:,} | "
+            f"{row['auc_1']:.4f}{std} (n={len(row['seeds'])}) | {_pm(d1)} | {row['logloss_1']:.4f} | "
+            f"{row['auc_best']:.4f} {row['best_epochs']} | {_pm(db)} |")
+    return lines
 
 
 # ---- inference.py / inference_quality.py -----------------------------------------------------------------
