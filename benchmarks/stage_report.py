@@ -72,3 +72,18 @@ def plot_speedup(results: Dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    """Print the whole table of one ``embedding_stage.py`` result file (p10/p90, bandwidth, placement, load)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", help="JSON written by benchmarks/embedding_stage.py")
+    args = p.parse_args(argv)
+    print(markdown(json.loads(Path(args.results).read_text())))
+
+
+if __name__ == "__main__":
+    main()
