@@ -56,7 +56,7 @@ test: setup lint typecheck
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - treating as failure"; exit 1; fi; \
 	exit $$rc
 
-# Benchmarks (not part of the tests): plotting needs matplotlib. See docs/RESULTS.md for the commands.
+# Benchmarks (not part of the tests): plotting needs matplotlib. See docs/results/ for the commands.
 bench-setup: setup
 	$(PY) -m pip install -q -r requirements/bench.txt
 

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from proc_memory import RssPoller
+from report_common import result_header
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"full": "configs/default.yaml", "memrec": "configs/memrec_small.yaml", "lma": "configs/lma_small.yaml",
@@ -291,6 +292,7 @@ def _summarise(results: Dict[str, Any], methods: List[str]) -> None:
 
 
 def _write(results: Dict[str, Any], out: Path) -> None:
+    results["header"] = result_header()
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(out.with_suffix(".json"))

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bench_common import machine_info, stream_copy_gbs, summary, time_interleaved, time_it, touch
+from report_common import result_header
 from embeddings.types import SparseArchContext
 from stage_methods import Built, base_method, build_dmp, build_lma_index, bytes_touched, method_options, variant_names
 from stage_report import markdown, plot_speedup
@@ -133,6 +134,7 @@ def _load_previous(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 def _save(results: Dict[str, Any], args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results["header"] = result_header()
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(out.with_suffix(".json"))

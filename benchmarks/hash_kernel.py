@@ -23,6 +23,7 @@ from embeddings.ops import salted_hash as fused_hash
 from embeddings.remap import wrap_of
 from embeddings.hashing import hash_salt
 from embeddings.id_hash import salted_hash
+from report_common import result_header  # benchmarks/ is on sys.path when this file runs as a script
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> Dict[str, float]:
@@ -73,6 +74,7 @@ def main() -> None:
                   f"[{rec['torch']['p10_ms']:.3f}, {rec['torch']['p90_ms']:.3f}]  fused {rec['fused']['median_ms']:.3f} ms "
                   f"[{rec['fused']['p10_ms']:.3f}, {rec['fused']['p90_ms']:.3f}]  {rec['speedup']:.1f}x", flush=True)
     out["loadavg_at_end"] = os.getloadavg()
+    out["header"] = result_header()
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

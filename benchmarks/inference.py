@@ -52,6 +52,7 @@ from embeddings.quant import (
     config_dict,
 )
 from embeddings.types import SparseArchContext
+from report_common import result_header
 from stage_methods import build_lma_index
 from variants import sized_options, variant
 from trainer.strict import from_dict
@@ -352,6 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             results["cells"] = [c for c in results["cells"] if (c["scale"], c["precision"]) != (scale, precision)]
             results["cells"].append(cell)
             out.parent.mkdir(parents=True, exist_ok=True)
+            results["header"] = result_header()
             out.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out}")
 

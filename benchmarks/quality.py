@@ -41,16 +41,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (also when loaded from its file)
+from report_common import result_header  # noqa: E402
 from variants import PROTOCOL_METHODS, protocol_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin" / "compactrec"
 # sparse_lr 0.2 for every method, full included: each improved over 0.1 (the 2-rank preset's value) single-process
-# at global batch 1024, 0.4 was worse (docs/RESULTS.md 3.6)
+# at global batch 1024, 0.4 was worse (docs/results/quality.md)
 COMMON = ["embeddings.table_sizes=counts", "training.evals_per_epoch=1", "training.final_test=false",
           "training.progress_bar=false", "training.mlperf_log=false", "training.log_every=200",
           "optimizer.sparse_lr=0.2"]
-# the protocol's per-method settings (chosen by the sweeps in docs/RESULTS.md; override with --set)
+# the protocol's per-method settings (chosen by the sweeps in docs/results/quality.md; override with --set)
 def dataset_split(path: str) -> List[str]:
     """Train on every day but the last, validate on the first half of the last (as the generator's days)."""
     manifest = json.loads((Path(path) / "manifest.json").read_text())
@@ -110,7 +111,8 @@ def run_cell(cell: Dict[str, Any], overrides: List[str], runs_root: Path, config
 def read_results(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "header" not in r]  # the result header line (benchmarks/report_common.py)
 
 
 def grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -152,6 +154,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: FAILED (exit {exc.returncode}, see {runs_root / (name + '.log')})", flush=True)
             return
         with lock:
+            if not results_path.is_file() or not results_path.read_text().strip():
+                results_path.write_text(json.dumps({"header": result_header()}) + "\n")
             with open(results_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         print(f"{name:44s} AUC {rec['auc_1']:.4f} (best {rec['auc_best']:.4f} @ {rec['best_epoch']})  "

@@ -85,3 +85,26 @@ def body(path: Path) -> str:
         while lines and lines[0].startswith("# "):
             lines = lines[1:]
     return "\n".join(lines).strip("\n")
+
+
+def result_header() -> Dict[str, Any]:
+    """The common header for a result file written now: commit, date, machine (processor, L3), load, command."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        except OSError:
+            return ""
+
+    commit = run("git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD").strip()
+    cpu = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in run("lscpu").splitlines()
+           if ":" in line}
+    return {"commit": commit or "not recorded", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"processor": cpu.get("Model name", "not recorded"),
+                        "l3_cache": cpu.get("L3 cache", "not recorded"), "cpus": os.cpu_count()},
+            "load": {"loadavg": list(os.getloadavg())},
+            "command": " ".join(["python", *sys.argv])}

@@ -27,7 +27,7 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     # one thread per rank, as torchrun sets (OMP_NUM_THREADS=1): W ranks x default threads oversubscribe the
-    # cores, and OpenMP regions then wait for descheduled threads (5-20x slower steps, docs/RESULTS.md section 0)
+    # cores, and OpenMP regions then wait for descheduled threads (5-20x slower steps, docs/results/training_speed.md)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
