@@ -46,7 +46,8 @@ def test_sweep_is_resumable_and_counts_every_byte(tiny_dataset: Path, tmp_path: 
     results, runs = tmp_path / "cells.jsonl", tmp_path / "runs"
     out = _run(data, results, runs, "--methods", "full,hash")
     assert "2 cells to run (0 already" in out
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    header, *records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert set(header["header"]) >= {"commit", "date", "machine", "load", "command"}  # the result files' header
     assert sorted(r["name"] for r in records) == ["tiny_full_s0_e1", "tiny_hash_b0.1_h0.5_s0_e1"]
     full, hash_ = sorted(records, key=lambda r: r["method"])
     assert full["full_table_bytes"] == hash_["full_table_bytes"]  # one reference: distinct training values + 1
@@ -56,7 +57,7 @@ def test_sweep_is_resumable_and_counts_every_byte(tiny_dataset: Path, tmp_path: 
     out = _run(data, results, runs, "--methods", "full,hash,robe")
     assert "1 cells to run (2 already" in out and "tiny_robe_b0.1_h0.5_s0_e1" in out
     assert (runs / "tiny_hash_b0.1_h0.5_s0_e1" / "metrics.json").stat().st_mtime_ns == mtime
-    assert len(results.read_text().splitlines()) == 3
+    assert len(results.read_text().splitlines()) == 1 + 3  # the header and three cells
 
 
 def _record(method: str, seed: int, auc: float, tag: str = "", budget: float = 0.1, epochs: int = 1) -> Dict[str, Any]:
