@@ -15,8 +15,9 @@ The result does not depend on the order of batches within a merge nor on how the
 
 :class:`IdCounts` is the result, saved as one uncompressed ``.npz`` (``numpy.load(path, allow_pickle=False)``):
 ``header`` (a JSON object: format, version, feature names, capacity, per-feature totals / exact / error bounds,
-and ``provenance``: the data fingerprint and the counting options, see ``trainer.prepare.fingerprint``), ``values``
-(int64, per feature ascending, features concatenated), ``counts`` (int64) and ``offsets`` ([F + 1] int64).
+and ``provenance``: the data fingerprint and the counting options, see ``trainer.prepare.fingerprint``; ``sha256``:
+each array's sha256, compared at load, see ``embeddings.integrity``), ``values`` (int64, per feature ascending,
+features concatenated), ``counts`` (int64) and ``offsets`` ([F + 1] int64).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from embeddings.integrity import checksums, read_verified
+
 FORMAT = "compactrec-id-counts"
-VERSION = 1
+VERSION = 2  # 2: sha256 of the arrays
 DEFAULT_CAPACITY = 1 << 24  # values kept per feature (Criteo Kaggle's largest feature has 10.1M)
 BUILD_COMMAND = "compactrec prepare CONFIG"
 
@@ -160,10 +163,10 @@ class IdCounts:
         return features[order], values[order], counts[order]
 
     # ---- the artifact --------------------------------------------------------------------------------
-    def header(self) -> Dict[str, Any]:
+    def header(self, sha256: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "feature_names": self.feature_names, "capacity": self.capacity,
                 "totals": self.totals, "exact": self.exact, "error_bound": self.error_bound,
-                "distinct": self.distinct(), "provenance": self.provenance}
+                "distinct": self.distinct(), "provenance": self.provenance, "sha256": sha256 or {}}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a temporary file renamed into place)."""
@@ -171,9 +174,11 @@ class IdCounts:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         offsets = np.cumsum([0] + [v.size for v in self.values]).astype(np.int64)
+        values, counts = np.concatenate(self.values), np.concatenate(self.counts)
+        sha = checksums({"values": values, "counts": counts, "offsets": offsets})
         with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" suffix
-            np.savez(f, header=np.array(json.dumps(self.header(), sort_keys=True)),
-                     values=np.concatenate(self.values), counts=np.concatenate(self.counts), offsets=offsets)
+            np.savez(f, header=np.array(json.dumps(self.header(sha), sort_keys=True)), values=values, counts=counts,
+                     offsets=offsets)
         os.replace(tmp, path)
         return path
 
@@ -201,7 +206,7 @@ def _read_header(archive: Any, path: str | Path) -> Dict[str, Any]:
     if header.get("version") != VERSION:
         raise ValueError(f"{path}: id-counts format version {header.get('version')!r}, this code reads {VERSION}; "
                          f"rebuild with `{BUILD_COMMAND}`")
-    missing = [k for k in ("feature_names", "capacity", "totals", "exact", "error_bound", "provenance")
+    missing = [k for k in ("feature_names", "capacity", "totals", "exact", "error_bound", "provenance", "sha256")
                if k not in header]
     if missing:
         raise ValueError(f"{path}: id-counts header lacks {missing}")
@@ -221,10 +226,8 @@ def load_counts(path: str | Path) -> IdCounts:
         missing = [n for n in ("values", "counts", "offsets") if n not in archive.files]
         if missing:
             raise ValueError(f"{path}: id counts lack arrays {missing}")
-        try:
-            values, counts, offsets = archive["values"], archive["counts"], archive["offsets"]
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise ValueError(f"{path}: id-counts arrays are unreadable: {exc}") from exc
+        values, counts, offsets = (read_verified(archive, name, header["sha256"], path, "id counts", BUILD_COMMAND)
+                                   for name in ("values", "counts", "offsets"))
     names = header["feature_names"]
     if (offsets.dtype != np.int64 or offsets.shape != (len(names) + 1,) or int(offsets[0]) != 0
             or int(offsets[-1]) != values.size or values.shape != counts.shape or bool(np.any(np.diff(offsets) < 0))):

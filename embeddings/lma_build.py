@@ -27,7 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.hashing import mix64
-from embeddings.lma_index import IndexHeader, LmaIndex, read_header, save_index
+from embeddings.lma_index import IndexHeader, LmaIndex, read_header, save_index, verify_index
 from embeddings.lma_minhash import KEY_SEED, SignatureAccumulator, context_signatures, key_salts, row_ranks
 from embeddings.provenance import check_provenance, differences
 from embeddings.types import ArtifactHooks, TrainingData
@@ -71,6 +71,7 @@ def index_differences(options: Any, data: TrainingData) -> Optional[List[str]]:
         return None
     try:
         header = read_header(path)
+        verify_index(path)  # a damaged index is rebuilt
     except ValueError as exc:
         return [str(exc)]
     return differences(recorded_provenance(header), expected_provenance(options, data))

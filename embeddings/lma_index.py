@@ -7,7 +7,8 @@ One uncompressed ``.npz`` file (``numpy.load(path, allow_pickle=False)`` reads i
   ``key_seed``, ``feature_names`` in feature-index order, ``min_count``, ``sample_rows``, ``semantic_set``,
   ``context_min_values``), provenance (``source``:
   the fingerprint of the training split, ``trainer.prepare.fingerprint.data_fingerprint``; ``created``) and outcomes
-  (rows sampled/available, values seen/covered).
+  (rows sampled/available, values seen/covered) and ``sha256``: the sha256 of each array below
+  (``embeddings.integrity``), compared when an array is loaded: a damaged file is an error naming it.
 - ``keys`` [V] int64, strictly increasing: value keys ``hash64(x, f, key_seed, 0)`` (``embeddings.lma_minhash``).
 - ``signatures`` [V, C*K] int32: minhash ``j`` of the value's semantic set (``embeddings.lma_minhash``): with
   ``semantic_set: rows`` the smallest rank of its sampled rows under permutation j; with ``values`` the smallest
@@ -31,9 +32,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from embeddings.integrity import checksums, read_verified
+
 FORMAT = "compactrec-lma-index"
-VERSION = 3  # 2: sample_rows, created, the data fingerprint; rows sampled independent of batching. 3: semantic_set
+VERSION = 4  # 2: sample_rows, created, the data fingerprint; rows sampled independent of batching. 3: semantic_set
+# 4: sha256 of the arrays
 BUILD_COMMAND = "compactrec prepare CONFIG (or compactrec lma-index CONFIG --out PATH)"
+REBUILD_COMMAND = "compactrec prepare CONFIG"
 ARRAYS = ("keys", "signatures", "features", "counts")
 
 
@@ -57,6 +62,7 @@ class IndexHeader:
     values_per_feature: List[int] = field(default_factory=list)
     source: Dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    sha256: Dict[str, str] = field(default_factory=dict)  # per array, filled by save_index
     format: str = FORMAT
     version: int = VERSION
 
@@ -96,9 +102,11 @@ def save_index(index: LmaIndex, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    arrays = {name: getattr(index, name) for name in ARRAYS}
+    index.header.sha256 = checksums(arrays)
     header = json.dumps(dataclasses.asdict(index.header), sort_keys=True)
     with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" suffix
-        np.savez(f, header=np.array(header), **{name: getattr(index, name) for name in ARRAYS})
+        np.savez(f, header=np.array(header), **arrays)
     os.replace(tmp, path)
     return path
 
@@ -138,14 +146,18 @@ def read_header(path: str | Path) -> IndexHeader:
         return _header(archive, path)
 
 
+def _array(archive: Any, name: str, header: IndexHeader, path: str | Path) -> np.ndarray:
+    return read_verified(archive, name, header.sha256, path, "LMA index", REBUILD_COMMAND)
+
+
 def load_keys_and_counts(path: str | Path) -> Tuple[np.ndarray, np.ndarray]:
     """The sorted value keys and their sample counts alone (for sizing the dictionary without the signatures)."""
     with _open(path) as archive:
-        _header(archive, path)
+        header = _header(archive, path)
         missing = [name for name in ("keys", "counts") if name not in archive.files]
         if missing:
             raise ValueError(f"{path}: LMA index lacks arrays {missing}")
-        keys, counts = archive["keys"], archive["counts"]
+        keys, counts = _array(archive, "keys", header, path), _array(archive, "counts", header, path)
     if keys.dtype != np.int64 or keys.ndim != 1 or counts.shape != keys.shape:
         raise ValueError(f"invalid LMA index {path}: keys must be int64 [V] with one count each")
     return keys, counts
@@ -158,7 +170,17 @@ def load_index(path: str | Path) -> LmaIndex:
         missing = [name for name in ARRAYS if name not in archive.files]
         if missing:
             raise ValueError(f"{path}: LMA index lacks arrays {missing}")
-        return LmaIndex(header, **{name: archive[name] for name in ARRAYS})
+        return LmaIndex(header, **{name: _array(archive, name, header, path) for name in ARRAYS})
+
+
+def verify_index(path: str | Path) -> None:
+    """Raise a ValueError naming ``path`` unless every array matches the sha256 its header records."""
+    with _open(path) as archive:
+        header = _header(archive, path)
+        for name in ARRAYS:
+            if name not in archive.files:
+                raise ValueError(f"{path}: LMA index lacks array {name!r}")
+            _array(archive, name, header, path)
 
 
 def check_header(header: IndexHeader, path: str | Path, *, seed: int, num_chunks: int, num_hashes: int,

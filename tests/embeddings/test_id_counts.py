@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from embeddings.id_counts import FrequencyCounter, IdCounts, load_counts, read_header
+from embeddings.integrity import array_sha256
 
 
 def _stream(seed: int, features: int = 3, size: int = 20_000) -> List[List[np.ndarray]]:
@@ -112,7 +113,9 @@ def test_artifact_round_trip_and_damage(tmp_path: Path) -> None:
     with zipfile.ZipFile(path) as src, open(bad, "wb") as f:
         arrays = {name[:-4]: np.load(src.open(name)) for name in src.namelist()}
         arrays["offsets"] = arrays["offsets"] + 1
-        np.savez(f, **arrays)
+        header = json.loads(str(arrays["header"]))
+        header["sha256"]["offsets"] = array_sha256(arrays["offsets"])  # intact, only inconsistent
+        np.savez(f, **{**arrays, "header": np.array(json.dumps(header))})
     with pytest.raises(ValueError, match="inconsistent"):
         load_counts(bad)
     other = tmp_path / "other.npz"

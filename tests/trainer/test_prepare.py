@@ -12,7 +12,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from embeddings.lma_index import load_index, save_index
+from embeddings.lma_index import VERSION, load_index, save_index
 from tests.conftest import tiny_overrides
 from trainer.commands.cli import main
 from trainer.config import load_config
@@ -97,9 +97,24 @@ def test_index_of_an_older_format_is_rebuilt(tiny_dataset: Path, tmp_path: Path,
     old = load_index(index)
     save_index(dataclasses.replace(old, header=dataclasses.replace(old.header, version=1)), index)
     assert main(["train", *_args(tiny_dataset, tmp_path)]) == 2
-    assert "format version 1, this code reads version 3" in capsys.readouterr().err
+    assert f"format version 1, this code reads version {VERSION}" in capsys.readouterr().err
     assert main(["prepare", *_args(tiny_dataset, tmp_path)]) == 0
-    assert load_index(index).header.version == 3
+    assert load_index(index).header.version == VERSION
+
+
+def test_damaged_index_is_rebuilt_by_prepare(tiny_dataset: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.embeddings.test_integrity import _rezip_with_changed
+
+    index = tmp_path / "index.npz"
+    assert main(["prepare", *_args(tiny_dataset, tmp_path)]) == 0
+    _rezip_with_changed(index, "signatures.npy")  # the header still matches the config and the data
+    with pytest.raises(ValueError, match="index.npz: LMA index is damaged"):
+        load_index(index)
+    capsys.readouterr()
+    assert main(["prepare", *_args(tiny_dataset, tmp_path)]) == 0
+    assert "LMA index is damaged" in capsys.readouterr().err
+    load_index(index)
 
 
 def test_prepare_full_is_a_no_op(capsys: pytest.CaptureFixture[str]) -> None:

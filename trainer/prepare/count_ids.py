@@ -94,6 +94,7 @@ def _stale(path: Path, data: DataConfig) -> Optional[str]:
     """Why the artifact at ``path`` cannot be used for ``data`` (None when it can)."""
     try:
         recorded = read_header(path)["provenance"]
+        load_counts(path)  # damaged arrays (sha256 mismatch): rebuilt
     except (OSError, ValueError) as exc:
         return str(exc)
     recorded = {k: v for k, v in recorded.items() if k != "rows"}
