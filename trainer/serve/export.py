@@ -115,7 +115,7 @@ def export_checkpoint(config: Config, out: Path, checkpoint_dir: Optional[Path] 
     path = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_root(run_dir)} to export")
-    meta = checkpoint.read_metadata(path)
+    meta = checkpoint.verify_checkpoint(path)  # a damaged checkpoint is an error naming the file
     info = dataset_info(config, require_data=False)
     model, arch = build_unsharded(config, info.feature_names, info.num_embeddings_per_feature, torch.device("cpu"),
                                   info.id_counts)
