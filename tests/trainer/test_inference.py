@@ -18,6 +18,7 @@ from tests.dist_utils import run_multiprocess
 from trainer.commands.cli import main
 from trainer.config import load_config
 from trainer.serve.artifact import ArtifactError, load, read_artifact
+from trainer.serve.export import VERSION, tensor_checksums
 from trainer.serve.score import run_score
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +81,7 @@ def test_export_load_score_equals_the_training_evaluation(trained: Trained, tmp_
     for precision in ("fp32", "fp16", "int8"):
         artifact = _export(preset, overrides, tmp_path / f"model-{precision}.pt", precision)
         meta = read_artifact(artifact)
-        assert (meta["precision"], meta["version"], meta["ids"]) == (precision, 2, "raw")
+        assert (meta["precision"], meta["version"], meta["ids"]) == (precision, VERSION, "raw")
         assert meta["checkpoint"]["step"] == 24
         got = _score(artifact)
         assert got["rows"] == got["labelled_rows"] == val["samples"] == 2500
@@ -237,11 +238,27 @@ def artifact(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return tmp / "model.pt"
 
 
-def _edited(artifact: Path, out: Path, edit: Any) -> Path:
+def _edited(artifact: Path, out: Path, edit: Any, checksums: bool = True) -> Path:
+    """``artifact`` edited by ``edit``; with ``checksums`` its sha256 entry is rewritten to match the edit."""
     payload = torch.load(artifact, weights_only=False)
     edit(payload)
+    if checksums:
+        payload["sha256"] = tensor_checksums(payload)
     torch.save(payload, out)
     return out
+
+
+def test_a_damaged_tensor_is_an_error_naming_the_file(artifact: Path, tmp_path: Path) -> None:
+    def flip(p: Dict[str, Any]) -> None:
+        weight = p["sparse"]["tables"]["hash_cat_1"]["weight"]
+        weight.view(-1)[weight.numel() // 2] ^= 0xFF
+
+    damaged = _edited(artifact, tmp_path / "damaged.pt", flip, checksums=False)
+    with pytest.raises(ArtifactError, match=r"damaged.pt: inference artifact is damaged: tensor\(s\) "
+                                            r"\['sparse.tables.hash_cat_1.weight'\] differ .*export the checkpoint again"):
+        load(damaged)
+    assert main(["score", str(damaged), "--no-progress"]) == 2
+    load(artifact)  # the original is intact
 
 
 def test_wrong_corrupt_and_other_version_artifacts_are_clear_errors(artifact: Path, tiny_dataset: Path,
@@ -257,7 +274,7 @@ def test_wrong_corrupt_and_other_version_artifacts_are_clear_errors(artifact: Pa
     with pytest.raises(ArtifactError, match=f"{other}: not a CompactRec inference artifact .no format"):
         load(other)
     old = _edited(artifact, tmp_path / "v1.pt", lambda p: p.update(version=1))
-    with pytest.raises(ArtifactError, match="format version 1, this code reads version 2; export the checkpoint again"):
+    with pytest.raises(ArtifactError, match=f"format version 1, this code reads version {VERSION}; export the checkpoint again"):
         load(old)
     with pytest.raises(ArtifactError, match="lacks \\['dense_state_dict'\\]"):
         load(_edited(artifact, tmp_path / "cut-entry.pt", lambda p: p.pop("dense_state_dict")))

@@ -34,13 +34,13 @@ from embeddings import registry
 from embeddings.ops import salted_hash as fused_hash
 from embeddings.quant import PRECISIONS, SparseParts, build_sparse
 from trainer.config import Config
-from trainer.serve.export import FORMAT, VERSION, versions
+from trainer.serve.export import FORMAT, VERSION, tensor_checksums, versions
 from trainer.strict import from_dict
 
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("precision", "config", "embeddings", "feature_names", "num_embeddings_per_feature", "sparse_path",
-            "sparse", "dense_state_dict", "versions")
+            "sparse", "dense_state_dict", "versions", "sha256")
 EXPORT_COMMAND = "compactrec export CONFIG --out ARTIFACT --precision P"
 
 
@@ -70,6 +70,13 @@ def read_artifact(path: Union[str, Path]) -> Dict[str, Any]:
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ArtifactError(f"{path}: inference artifact lacks {missing} (a damaged or hand-edited file)")
+    recorded, actual = payload["sha256"], tensor_checksums(payload)
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{path}: inference artifact has no valid sha256 entry (a damaged or hand-edited file)")
+    differ = sorted(k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k))
+    if differ:
+        raise ArtifactError(f"{path}: inference artifact is damaged: tensor(s) {differ[:5]} differ from the sha256 "
+                            f"it records; export the checkpoint again with `{EXPORT_COMMAND}`")
     if payload["precision"] not in PRECISIONS:
         raise ArtifactError(f"{path}: table precision {payload['precision']!r} is not one fbgemm's inference TBE "
                             f"runs in this installation ({', '.join(PRECISIONS)})")

@@ -16,7 +16,9 @@ file (``torch.save``, written to a temporary name and renamed)::
                the method's id maths object - its buffers: salts, LMA dictionary, hot-id keys - and parameters),
      "dense_state_dict": every other tensor of the model (the MLPs, fp32),
      "table_bytes": bytes of the quantized tables, "versions": {torch, fbgemm_gpu, torchrec, compactrec},
-     "checkpoint": the checkpoint's COMPLETE.json (+ path), or null for an in-process export}
+     "checkpoint": the checkpoint's COMPLETE.json (+ path), or null for an in-process export,
+     "sha256": {"dense_state_dict.<key>" / "sparse.tables.<table>.weight" / ...: sha256 of every tensor of the
+                payload (``tensor_checksums``), compared at load: a damaged file is an error naming it}}
 
 ``trainer.serve.artifact.load`` reads it back as a module ``(dense, KJT of raw ids) -> logits`` with only the
 installed package: no config file, LMA index or id-count file (a vocabulary or hot rows travel as the layout's
@@ -26,6 +28,7 @@ package objects (the layout), so load only artifacts you trust, as with any ``to
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -42,7 +45,7 @@ from trainer.strict import to_dict
 logger = logging.getLogger(__name__)
 
 FORMAT = "compactrec-inference"
-VERSION = 2
+VERSION = 3  # 3: sha256 of every tensor
 
 
 def build_unsharded(config: Config, feature_names: Any, sizes: Any, device: torch.device,
@@ -74,6 +77,30 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def _tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{t.dtype}{t.numel()}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_checksums(payload: Any, prefix: str = "") -> Dict[str, str]:
+    """sha256 of every tensor reachable through the dicts, lists and tuples of ``payload`` (the ``sha256`` entry
+    itself excluded), keyed by its dotted path."""
+    out: Dict[str, str] = {}
+    items = (payload.items() if isinstance(payload, dict)
+             else enumerate(payload) if isinstance(payload, (list, tuple)) else ())
+    for key, value in items:
+        if not prefix and key == "sha256":
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = _tensor_sha256(value)
+        else:
+            out.update(tensor_checksums(value, name + "."))
+    return out
+
+
 def write_artifact(model: nn.Module, sparse: nn.Module, config: Config, feature_names: Any, sizes: Any,
                    precision: str, out: Path, checkpoint_meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Quantize ``model``'s sparse module (``sparse``) to ``precision`` and write the artifact to ``out``."""
@@ -93,6 +120,7 @@ def write_artifact(model: nn.Module, sparse: nn.Module, config: Config, feature_
         "dense_state_dict": dense, "table_bytes": parts.table_bytes(), "versions": versions(),
         "checkpoint": checkpoint_meta,
     }
+    payload["sha256"] = tensor_checksums(payload)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
