@@ -209,10 +209,12 @@ def inference_stage(path: Path, opt: Dict[str, str]) -> List[str]:
         row = [_ms(by[m]["median_ms"]) if m == "full" else f"{by[m]['vs_full']:.2f}x" if m in by else "-"
                for m in methods]
         lines.append(f"| 1/{c['scale']} {c['precision']} | " + " | ".join(row) + f" | {c['loadavg'][0]:.1f} |")
+    return lines + _skipped_for_memory(d)
+
+
+def _skipped_for_memory(d: Dict[str, Any]) -> List[str]:
     skipped = [f"1/{c['scale']} {c['precision']} ({c['skipped']})" for c in d["cells"] if "skipped" in c]
-    if skipped:
-        lines += ["", "Skipped for memory: " + "; ".join(skipped) + "."]
-    return lines
+    return ["", "Skipped for memory: " + "; ".join(skipped) + "."] if skipped else []
 
 
 def inference_claim(path: Path, opt: Dict[str, str]) -> List[str]:
@@ -232,10 +234,7 @@ def inference_claim(path: Path, opt: Dict[str, str]) -> List[str]:
                 f, t, s = by.get(("full", b)), by.get(("memrec", b)), by.get(("memrec_sample", b))
                 row.append(f"{_ms(f['median_ms'])}: {t['vs_full']:.2f}x / {s['vs_full']:.2f}x" if f and t and s else "-")
             lines.append(f"| 1/{c['scale']} {c['precision']}, {dist} | " + " | ".join(row) + " |")
-    skipped = [f"1/{c['scale']} {c['precision']} ({c['skipped']})" for c in d["cells"] if "skipped" in c]
-    if skipped:
-        lines += ["", "Skipped for memory: " + "; ".join(skipped) + "."]
-    return lines
+    return lines + _skipped_for_memory(d)
 
 
 def inference_parts(path: Path, opt: Dict[str, str]) -> List[str]:

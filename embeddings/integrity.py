@@ -1,6 +1,7 @@
-"""sha256 checksums of the arrays of an ``.npz`` artifact (the LMA index, the id counts), written into its JSON
-header at save and compared at load, so a file damaged on disk (a flipped byte that still parses) is an error
-naming the file instead of silently different training."""
+"""sha256 checksums of what CompactRec writes: the arrays of an ``.npz`` artifact (the LMA index, the id counts,
+recorded in its JSON header), tensors (inference artifacts) and files (checkpoints); written at save and compared
+at load, so a file damaged on disk (a flipped byte that still parses) is an error naming the file instead of
+silently different numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping
 
 import numpy as np
+import torch
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -17,6 +19,23 @@ def array_sha256(array: np.ndarray) -> str:
     a = np.ascontiguousarray(array)
     h = hashlib.sha256(f"{a.dtype.str}{tuple(a.shape)}".encode())
     h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, element count and bytes (any dtype, bf16 included)."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{t.dtype}{t.numel()}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
     return h.hexdigest()
 
 

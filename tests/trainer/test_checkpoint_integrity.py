@@ -19,9 +19,10 @@ import torch
 from tests.conftest import tiny_overrides
 from tests.dist_utils import run_multiprocess
 from tests.trainer.test_checkpoint import EXTRA, PRESET, REPO, _assert_same_state, _train
+from embeddings.integrity import file_sha256
 from trainer.config import load_config
 from trainer.serve.export import export_checkpoint
-from trainer.train.checkpoint import (MARKER, CheckpointDamagedError, _sha256_file, latest_checkpoint,
+from trainer.train.checkpoint import (MARKER, CheckpointDamagedError, latest_checkpoint,
                                       list_checkpoints, load_checkpoint, read_metadata, verify_checkpoint)
 from trainer.train.distributed import DistContext
 
@@ -60,7 +61,7 @@ def test_damaged_shard_is_named_and_resume_falls_back_to_the_previous_checkpoint
     files = read_metadata(step_8)["files"]
     assert {"config.yaml", ".metadata", "rank_0.pt", "rank_1.pt"} <= set(files)
     shards = sorted(n for n in files if n.endswith(".distcp"))
-    assert shards and all(files[n] == _sha256_file(step_8 / n) for n in files)
+    assert shards and all(files[n] == file_sha256(step_8 / n) for n in files)
     assert latest_checkpoint(run) == step_8  # intact
 
     shard = step_8 / shards[0]
@@ -95,7 +96,7 @@ def test_damaged_shard_is_named_and_resume_falls_back_to_the_previous_checkpoint
     with pytest.raises(CheckpointDamagedError, match=r"rank_0\.pt: sha256"):
         load_checkpoint(crafted, None, None, config, ctx)  # type: ignore[arg-type]
     meta = json.loads((crafted / MARKER).read_text())
-    meta["files"]["rank_0.pt"] = _sha256_file(crafted / "rank_0.pt")
+    meta["files"]["rank_0.pt"] = file_sha256(crafted / "rank_0.pt")
     (crafted / MARKER).write_text(json.dumps(meta))
     with pytest.raises(CheckpointDamagedError, match=r"rank_0\.pt: not an RNG state of this code, refused"):
         load_checkpoint(crafted, None, None, config, ctx)  # type: ignore[arg-type]

@@ -28,7 +28,6 @@ package objects (the layout), so load only artifacts you trust, as with any ``to
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -37,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from embeddings.integrity import tensor_sha256
 from embeddings.quant import check_precision, split_sparse
 from trainer.train import checkpoint
 from trainer.config import Config
@@ -77,13 +77,6 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def _tensor_sha256(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h = hashlib.sha256(f"{t.dtype}{t.numel()}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def tensor_checksums(payload: Any, prefix: str = "") -> Dict[str, str]:
     """sha256 of every tensor reachable through the dicts, lists and tuples of ``payload`` (the ``sha256`` entry
     itself excluded), keyed by its dotted path."""
@@ -95,7 +88,7 @@ def tensor_checksums(payload: Any, prefix: str = "") -> Dict[str, str]:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
-            out[name] = _tensor_sha256(value)
+            out[name] = tensor_sha256(value)
         else:
             out.update(tensor_checksums(value, name + "."))
     return out

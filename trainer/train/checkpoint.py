@@ -23,7 +23,6 @@ Checkpoints are taken only where ``TrainPipelineSparseDist`` is drained (segment
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -41,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
+from embeddings.integrity import file_sha256
 from trainer.config import Config, save_config
 from trainer.prepare.run import artifact_path
 from trainer.train.distributed import DistContext
@@ -128,17 +128,9 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_checksums(directory: Path) -> Dict[str, str]:
     """sha256 of every file of ``directory`` but the marker (DCP shards, .metadata, rank_*.pt, config.yaml)."""
-    return {p.relative_to(directory).as_posix(): _sha256_file(p) for p in sorted(directory.rglob("*"))
+    return {p.relative_to(directory).as_posix(): file_sha256(p) for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != MARKER}
 
 
@@ -172,7 +164,7 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
     if _VERIFIED.get(str(path)) == stats:
         return meta
     for name, recorded in sorted(files.items()):
-        actual = _sha256_file(path / name)
+        actual = file_sha256(path / name)
         if actual != recorded:
             raise CheckpointDamagedError(f"{path / name}: sha256 {actual[:16]}... differs from the {recorded[:16]}... "
                                          f"that {MARKER} records; {advice}")
