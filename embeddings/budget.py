@@ -70,9 +70,15 @@ def budget_bytes(ctx: SparseArchContext, budget: float) -> int:
 
 
 def select_hot(ctx: SparseArchContext, options: BudgetOptions, row_bytes: int) -> HotSet:
-    """The hot set bought by ``hot_share`` of the budget when each hot row costs ``row_bytes`` plus its key."""
+    """The hot set bought by ``hot_share`` of the budget when each hot row costs ``row_bytes`` plus its key
+    (``ctx.hot`` when the context gives one: a module rebuilt from an inference artifact)."""
     if options.hot_share <= 0 or options.budget is None:
         return HotSet.empty(ctx.feature_names)
+    if ctx.hot is not None:  # rebuilt from an inference artifact: the hot set it stored
+        if list(ctx.hot.feature_names) != list(ctx.feature_names):
+            raise ValueError(f"the given hot set's features {list(ctx.hot.feature_names)} differ from "
+                             f"{list(ctx.feature_names)}")
+        return ctx.hot
     if ctx.id_counts is None:
         raise ValueError(f"{where('hot_share')}={options.hot_share}: hot rows need the id counts of the training "
                          "data; run `compactrec prepare CONFIG` (it writes data.counts_path)")

@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from embeddings.remap import RemappedEmbeddingBagCollection
 from embeddings.hashing_trick import HashLayout, HashOptions
 from embeddings.hot_rows import HotSet
+from embeddings.inference_state import default_hooks
 from embeddings.types import (
     MemoryReport,
     SparseArchContext,
@@ -94,6 +95,16 @@ class VocabularyEmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """The full tables over a vocabulary of the training values (see the module doc); KJT of raw ids in."""
 
     def __init__(self, ctx: SparseArchContext, options: FullOptions) -> None:
+        layout = HashLayout(ctx, HashOptions(num_rows=1, pooling=options.pooling), table_prefix="t")
+        layout.method = "full (vocabulary)"
+        if ctx.hot is not None:  # rebuilt from an inference artifact: the vocabulary it stored
+            layout.set_hot(ctx.hot)
+        else:
+            layout.set_hot(self._vocabulary(ctx))
+        super().__init__(layout, ctx.device, ctx.all_pooling_factors())
+
+    @staticmethod
+    def _vocabulary(ctx: SparseArchContext) -> HotSet:
         counts = ctx.id_counts
         if counts is None:
             raise ValueError("embeddings.options.ids='vocabulary' needs the id counts of the training data: run "
@@ -102,10 +113,7 @@ class VocabularyEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         if inexact:
             logger.warning("id counts of %s hold only the most frequent %d values (counting capacity): the "
                            "vocabulary gives rows to those, every other value shares row 0", inexact, counts.capacity)
-        layout = HashLayout(ctx, HashOptions(num_rows=1, pooling=options.pooling), table_prefix="t")
-        layout.method = "full (vocabulary)"
-        layout.set_hot(HotSet.select(counts, ctx.feature_names, num_rows=sum(int(v.size) for v in counts.values)))
-        super().__init__(layout, ctx.device, ctx.all_pooling_factors())
+        return HotSet.select(counts, ctx.feature_names, num_rows=sum(int(v.size) for v in counts.values))
 
 
 def default_constraints(
@@ -134,4 +142,5 @@ SPEC = SparseArchSpec(
     ids="table",
     description="plain EmbeddingBagCollection, one table per feature (the uncompressed reference)",
     ids_for=lambda options: "raw" if options.ids == "vocabulary" else "table",
+    inference=default_hooks(build),
 )

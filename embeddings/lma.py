@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from embeddings.budget import budget_bytes
 from embeddings.remap import (
@@ -42,7 +43,8 @@ from embeddings.lma_index import BUILD_COMMAND, IndexHeader, check_header, load_
 from embeddings.hot_rows import HotSet, hot_bytes
 from embeddings.lma_minhash import SEMANTIC_SETS, KEY_SEED, chunk_addresses, key_salts, value_keys
 from embeddings.chunk_table import ChunkAddresser, ChunkedOptions, ChunkLayout, RandomChunkAddresser
-from embeddings.types import SparseArchContext
+from embeddings.inference_state import hot_state, with_stored_hot
+from embeddings.types import InferenceHooks, SparseArchContext
 
 MAX_ROWS = (1 << 31) - 1  # rows are kept as int32
 
@@ -115,44 +117,26 @@ def kept_entries(path: str, hot: HotSet, limit: Optional[int] = None) -> np.ndar
     return keep
 
 
-class MinhashChunkAddresser(ChunkAddresser):
-    """Indexed values: rows from their minhash signatures; others: ROBE's random rows. ``keep`` masks the
-    index entries kept in the dictionary (all but hot values')."""
+class DictionaryChunkAddresser(ChunkAddresser):
+    """Values in the dictionary (buffers ``lma_index_keys`` [V] int64, sorted, and ``lma_index_rows`` [V, C]
+    int32): their rows; others: ROBE's random rows. Subclasses say where the dictionary comes from."""
 
-    def __init__(self, path: str, header: IndexHeader, num_hashes: int, seed: int, keep: np.ndarray) -> None:
-        self.path = path
-        self.header = header
-        self.num_hashes = num_hashes
+    def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.keep = keep
         self.fallback = RandomChunkAddresser(seed)
-        self._rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def num_entries(self) -> int:
-        return int(self.keep.sum())
+        raise NotImplementedError
 
     def index_rows(self, layout: ChunkLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(sorted keys [V] int64, rows [V, C] int32) for ``layout``'s memory size, on CPU (computed once)."""
-        if self._rows is None:
-            index = load_index(self.path)
-            check_header(index.header, self.path, seed=self.seed, semantic_set=self.header.semantic_set,
-                         num_chunks=layout.num_chunks,
-                         num_hashes=self.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
-            keep = self.keep
-            features = torch.from_numpy(index.features[keep].astype("int64"))
-            rows = torch.tensor(layout.feature_rows(), dtype=torch.int64)[features]
-            wrap = torch.tensor(wrap_of(layout.feature_rows()), dtype=torch.int64)[features]
-            by_feature = features if index.header.semantic_set == "values" else None
-            addresses = chunk_addresses(torch.from_numpy(index.signatures[keep]), self.num_hashes, self.seed, rows,
-                                        wrap, by_feature)
-            self._rows = (torch.from_numpy(index.keys[keep]), addresses.to(torch.int32))
-        return self._rows
+        """(sorted keys [V] int64, rows [V, C] int32) for ``layout``'s memory size, on CPU."""
+        raise NotImplementedError
 
     def buffers(self, layout: ChunkLayout, device: torch.device) -> Dict[str, torch.Tensor]:
         out = self.fallback.buffers(layout, device)
         out["lma_key_salts"] = key_salts(len(layout.feature_names)).to(device)
-        if device.type == "meta":  # planning: shapes from the header, nothing read
+        if device.type == "meta":  # planning, or a module rebuilt from an artifact: shapes only, nothing read
             count = self.num_entries
             out["lma_index_keys"] = torch.empty(count, dtype=torch.int64, device=device)
             out["lma_index_rows"] = torch.empty(count, layout.num_chunks, dtype=torch.int32, device=device)
@@ -174,12 +158,67 @@ class MinhashChunkAddresser(ChunkAddresser):
         return torch.where(found[:, None], buffers["lma_index_rows"][position].to(torch.int64), random_rows)
 
 
+class MinhashChunkAddresser(DictionaryChunkAddresser):
+    """The dictionary from the index file: indexed values' rows from their minhash signatures. ``keep`` masks
+    the index entries kept in the dictionary (all but hot values')."""
+
+    def __init__(self, path: str, header: IndexHeader, num_hashes: int, seed: int, keep: np.ndarray) -> None:
+        super().__init__(seed)
+        self.path = path
+        self.header = header
+        self.num_hashes = num_hashes
+        self.keep = keep
+        self._rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.keep.sum())
+
+    def index_rows(self, layout: ChunkLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Computed once from the index file."""
+        if self._rows is None:
+            index = load_index(self.path)
+            check_header(index.header, self.path, seed=self.seed, semantic_set=self.header.semantic_set,
+                         num_chunks=layout.num_chunks,
+                         num_hashes=self.num_hashes, feature_names=layout.feature_names, key_seed=KEY_SEED)
+            keep = self.keep
+            features = torch.from_numpy(index.features[keep].astype("int64"))
+            rows = torch.tensor(layout.feature_rows(), dtype=torch.int64)[features]
+            wrap = torch.tensor(wrap_of(layout.feature_rows()), dtype=torch.int64)[features]
+            by_feature = features if index.header.semantic_set == "values" else None
+            addresses = chunk_addresses(torch.from_numpy(index.signatures[keep]), self.num_hashes, self.seed, rows,
+                                        wrap, by_feature)
+            self._rows = (torch.from_numpy(index.keys[keep]), addresses.to(torch.int32))
+        return self._rows
+
+
+class StoredDictionaryAddresser(DictionaryChunkAddresser):
+    """The dictionary of a module rebuilt from an inference artifact: ``num_entries`` entries whose keys and rows
+    are the artifact's buffers, loaded into the module after it is built on ``meta``; no index file."""
+
+    def __init__(self, seed: int, num_entries: int) -> None:
+        super().__init__(seed)
+        self._entries = int(num_entries)
+
+    @property
+    def num_entries(self) -> int:
+        return self._entries
+
+    def index_rows(self, layout: ChunkLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("an LMA module rebuilt from an inference artifact is built on meta; its dictionary is the "
+                         "artifact's lma_index_keys / lma_index_rows")
+
+
 class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """LMA with chunks; drop-in for an EmbeddingBagCollection (KJT of raw int64 ids in)."""
 
     layout: ChunkLayout
 
-    def __init__(self, ctx: SparseArchContext, options: LmaOptions, table_prefix: str = "lma") -> None:
+    def __init__(self, ctx: SparseArchContext, options: LmaOptions, table_prefix: str = "lma",
+                 dictionary_entries: Optional[int] = None) -> None:
+        if dictionary_entries is not None:  # rebuilt from an inference artifact (:func:`rebuild`): no index file
+            self._rebuild(ctx, options, table_prefix, dictionary_entries)
+            return
         if options.index_path is None:
             raise ValueError(f"{where('index_path')} is not set: LMA needs the minhash index of the training data; "
                              f"build it with `{BUILD_COMMAND}` and set {where('index_path')} to its path")
@@ -209,8 +248,36 @@ class LmaEmbeddingBagCollection(RemappedEmbeddingBagCollection):
                                                  keep["mask"])
         super().__init__(layout, ctx.device, ctx.all_pooling_factors())
 
+    def _rebuild(self, ctx: SparseArchContext, options: LmaOptions, table_prefix: str, entries: int) -> None:
+        """The layout training built, from the config and the dictionary's size: the budget counts the same
+        ``entries`` dictionary entries (``8 + 4 C`` bytes each) before sizing the array."""
+        num_chunks = ctx.embedding_dim // (options.chunk_size or ctx.embedding_dim)
+        layout = ChunkLayout(ctx, options, table_prefix, method="lma",
+                             extra_bytes=lambda hot: 8 * len(ctx.feature_names) + entries * (8 + 4 * num_chunks))
+        layout.addresser = StoredDictionaryAddresser(options.seed, entries)
+        super().__init__(layout, ctx.device, ctx.all_pooling_factors())
+
+
+DICTIONARY_ENTRIES = "lma_dictionary_entries"
+
+
+def inference_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The hot set and the dictionary's size (its keys and rows are the module's buffers)."""
+    addresser = getattr(getattr(module, "layout", None), "addresser", None)
+    if not isinstance(addresser, DictionaryChunkAddresser):
+        raise TypeError(f"expected an LMA module, got {type(module).__name__}")
+    return {**hot_state(module), DICTIONARY_ENTRIES: torch.tensor([addresser.num_entries], dtype=torch.int64)}
+
+
+def rebuild(ctx: SparseArchContext, options: LmaOptions, state: Dict[str, torch.Tensor]) -> nn.Module:
+    """The LMA module of :func:`inference_state` on ``ctx.device`` (``meta``), without the index file."""
+    entries = state.get(DICTIONARY_ENTRIES)
+    if not isinstance(entries, torch.Tensor) or entries.dtype != torch.int64 or entries.numel() != 1:
+        raise ValueError(f"the stored LMA state lacks {DICTIONARY_ENTRIES!r} (one int64)")
+    return LmaEmbeddingBagCollection(with_stored_hot(ctx, state), options, dictionary_entries=int(entries))
+
 
 SPEC = dataclasses.replace(remapped_spec(
     "lma", LmaOptions, LmaEmbeddingBagCollection,
     "LMA: minhash (co-occurrence) chunk allocation in one shared array (Desai et al.)",
-), artifact=HOOKS)
+), artifact=HOOKS, inference=InferenceHooks(state=inference_state, rebuild=rebuild))

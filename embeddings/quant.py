@@ -10,9 +10,11 @@ fbgemm's inference TBE at ``fp32``, ``fp16``, ``int8`` or ``int4`` (row-wise sca
 integer types). Anything the layout keeps as a buffer (salts, the LMA dictionary, hot-id keys) comes along
 unchanged, so a method's whole behaviour carries over and only the table precision changes.
 
-:func:`split_sparse` takes a trained (float) sparse module apart into :class:`SparseParts` - plain tensors, the
-layout object and table configs, what an artifact stores (``trainer.serve.export``) - and :func:`build_sparse` puts
-the inference module together from them on any device, without building a float table.
+:func:`split_sparse` takes a trained (float) sparse module apart into :class:`SparseParts` - plain tensors, table
+configs and, in process, the layout object - and :func:`build_sparse` puts the inference module together from them
+on any device, without building a float table. An artifact (``trainer.serve.export``) stores the parts but the
+layout: it stores the method's state as tensors instead (``SparseParts.state``, from the spec's
+``InferenceHooks``), and loading rebuilds the layout from the config (``embeddings.inference_state``).
 """
 
 from __future__ import annotations
@@ -188,9 +190,11 @@ class ReducedIdsEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 @dataclass
 class SparseParts:
     """An inference sparse module as plain data: ``form`` (one of :func:`known_forms`), the inner tables' configs,
-    whether their lookups are weighted, their quantized rows, the layout object (``None`` for ``full``), the
-    module's own buffers (non-persistent ones included: salts, dictionaries, hot-id keys) and its other
-    parameters (MEM-REC's weight table), all on the CPU."""
+    whether their lookups are weighted, their quantized rows, the layout object (``None`` for ``full``; in process
+    only, never written to an artifact), the module's own buffers (non-persistent ones included: salts,
+    dictionaries, hot-id keys), its other parameters (MEM-REC's weight table) and ``state``, the tensors the
+    method's module is rebuilt from beyond the config (``embeddings.types.InferenceHooks``; filled by the
+    exporter), all on the CPU."""
 
     form: str
     precision: str
@@ -200,6 +204,7 @@ class SparseParts:
     layout: Any = None
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     parameters: Dict[str, torch.Tensor] = field(default_factory=dict)
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def table_bytes(self) -> int:
         return sum(table_bytes(t) for t in self.tables.values() if not callable(t))
@@ -237,6 +242,11 @@ def inner_ebc(module: nn.Module) -> EmbeddingBagCollection:
     return module if form == "full" else getattr(module, _FORMS[form].inner)
 
 
+def form_of(module: nn.Module) -> str:
+    """The inference form of a sparse module: ``full`` or a registered one (a TypeError for none)."""
+    return _form(module)
+
+
 def _form(module: nn.Module) -> str:
     exact = [name for name, f in _FORMS.items() if type(module) is f.module_type]
     covering = exact or [name for name, f in reversed(list(_FORMS.items())) if isinstance(module, f.module_type)]
@@ -246,6 +256,11 @@ def _form(module: nn.Module) -> str:
         return "full"
     raise TypeError(f"no inference form for a {type(module).__name__} sparse module (register one with "
                     "embeddings.quant.register_form)")
+
+
+def fused_hashing(layout: Any) -> Any:
+    """The layout with its hashing on the registered operator (``hash_backend: fused``, the same bits)."""
+    return _fused_hashing(layout)
 
 
 def _fused_hashing(layout: Any) -> Any:
@@ -330,4 +345,4 @@ def to_inference(module: nn.Module, precision: str, device: Optional[torch.devic
 
 
 __all__ = ["BITS", "InferenceForm", "PRECISIONS", "ReducedIdsEmbeddingBagCollection", "SparseParts", "build_sparse", "check_precision",
-           "inner_ebc", "known_forms", "quantize_rows", "quantize_table", "quantized_ebc", "register_form", "split_sparse", "to_inference"]
+           "config_dict", "form_of", "fused_hashing", "inner_ebc", "known_forms", "quantize_rows", "quantize_table", "quantized_ebc", "register_form", "split_sparse", "to_inference"]

@@ -35,6 +35,7 @@ from embeddings.quant import InferenceForm, register_form
 from embeddings.checks import check_choice, check_int, check_layout_args, select_features, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
 from embeddings.hot_rows import HotLookup, HotSet
+from embeddings.inference_state import default_hooks
 from embeddings.types import (
     MemoryReport,
     SparseArchContext,
@@ -308,7 +309,9 @@ def group_rows(groups: FeatureGroups, full_rows: Sequence[int], dim: int, width:
 def remapped_spec(name: str, options_type: type, module_type: Callable[[SparseArchContext, Any], nn.Module],
                   description: str) -> SparseArchSpec:
     """The registry entry of a remapped method: build ``module_type(ctx, options)``, place every inner table
-    row-wise, and count memory byte for byte (its sharder is registered by ``sharding/<method>.py``)."""
+    row-wise, count memory byte for byte, and export it as data (:func:`embeddings.inference_state.default_hooks`:
+    the module rebuilt by ``module_type(ctx, options)`` with the stored hot set); its sharder is registered by
+    ``sharding/<method>.py``."""
     return SparseArchSpec(
         name=name,
         options_type=options_type,
@@ -317,6 +320,7 @@ def remapped_spec(name: str, options_type: type, module_type: Callable[[SparseAr
         memory=lambda module, ctx, options, sparse_optimizer: remapped_memory(module, ctx, sparse_optimizer),
         ids="raw",
         description=description,
+        inference=default_hooks(module_type),
     )
 
 

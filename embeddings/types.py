@@ -18,6 +18,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 if TYPE_CHECKING:
+    from embeddings.hot_rows import HotSet
     from embeddings.id_counts import IdCounts
 
 
@@ -30,6 +31,8 @@ class SparseArchContext:
     sized in rows need none: :meth:`table_sizes` names what needs them). ``pooling_factors`` is the mean number of ids
     per sample and feature (1.0 for one-hot data). ``id_counts`` are the training data's id frequencies
     (``compactrec prepare``), for methods with hot rows or a vocabulary; None when the config needs none.
+    ``hot``: the hot set itself (an inference artifact's, ``embeddings.inference_state``); when given, methods take
+    it instead of selecting one from ``id_counts``.
     """
 
     feature_names: Sequence[str]
@@ -38,6 +41,7 @@ class SparseArchContext:
     device: torch.device
     pooling_factors: Optional[Sequence[float]] = None
     id_counts: Optional["IdCounts"] = field(default=None, compare=False, repr=False)
+    hot: Optional["HotSet"] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         sizes = self.num_embeddings_per_feature
@@ -188,6 +192,23 @@ class ArtifactHooks:
     check: Callable[[Any, TrainingData, str], None]
 
 
+@dataclass(frozen=True)
+class InferenceHooks:
+    """How an inference artifact (``trainer.serve``) holds a method's module as data only, no code: the module is
+    rebuilt at load by the installed package from the config, and its tables, buffers and parameters are loaded
+    into it as tensors.
+
+    - ``state(module)``: what the module was built from beyond the config and the table sizes, as tensors (the
+      hot values of each feature, the LMA dictionary's size; ``embeddings.inference_state``); its buffers and
+      parameters are stored anyway.
+    - ``rebuild(ctx, options, state)``: the module again on ``ctx.device`` (``meta``) from the config's options
+      and ``state`` alone - no id counts, no index file, no training data.
+    """
+
+    state: Callable[[nn.Module], Dict[str, torch.Tensor]]
+    rebuild: Callable[[SparseArchContext, Any, Dict[str, torch.Tensor]], nn.Module]
+
+
 BuildFn = Callable[[SparseArchContext, Any], nn.Module]
 ConstraintsFn = Callable[[nn.Module, Any, TopologyInfo], Dict[str, ParameterConstraints]]
 MemoryFn = Callable[[nn.Module, SparseArchContext, Any, str], MemoryReport]
@@ -210,6 +231,9 @@ class SparseArchSpec:
     - ``dense_head(options)``: a model class replacing DLRM's interaction for this method (e.g. MEM-REC's
       per-sample variant concatenates one vector per sample), or None.
     - ``artifact``: :class:`ArtifactHooks` when the method needs a file built from the data, else None.
+    - ``inference``: :class:`InferenceHooks`, how ``compactrec export`` stores the module and ``load`` rebuilds
+      it (``embeddings.inference_state.default_hooks`` for a method built from the config and a hot set); None:
+      the method cannot be exported.
     - ``ids``: "raw" if the module accepts any int64 id (compressed methods hash them), or "table" if
       ids must be reduced into ``[0, num_embeddings)`` first (the data path does ``id mod rows``);
       ``ids_for(options)``, when given, decides per options instead (:meth:`id_mode`).
@@ -225,6 +249,7 @@ class SparseArchSpec:
     dense_head: Optional[DenseHeadFn] = None
     ids_for: Optional[Callable[[Any], str]] = None
     artifact: Optional[ArtifactHooks] = None
+    inference: Optional[InferenceHooks] = None
 
     def __post_init__(self) -> None:
         if self.ids not in ("raw", "table"):

@@ -21,6 +21,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 
 from embeddings.budget import FLOAT_BYTES, budget_bytes, remaining, select_hot
 from embeddings.hot_rows import HotSet, hot_bytes
+from embeddings.inference_state import default_hooks
 from embeddings.memrec.module import MemRecEmbeddingBagCollection, MemRecModuleBase
 from embeddings.memrec.options import MemRecOptions
 from embeddings.memrec.per_sample import MemRecPerSampleDLRM, MemRecPerSampleEmbeddingBag
@@ -138,4 +139,5 @@ SPEC = SparseArchSpec(
     ids="raw",
     description="MEM-REC: hashed token table scaled by a hashed scalar weight table (Jha et al. 2023)",
     dense_head=dense_head,
+    inference=default_hooks(build),
 )

@@ -16,10 +16,19 @@ features are the model's inputs as the data readers produce them (``log(x + 1)``
 Only the installed package is needed: no config file, no LMA index or id-count file, no process group. The
 embedding lookups run on fbgemm's inference TBE at the artifact's precision; the id hashing runs on the
 registered operator ``compactrec::salted_hash`` (``embeddings.ops.salted_hash``).
+
+The file is data only and is read with ``torch.load(weights_only=True)``: a file that carries a pickled object
+(anything that load refuses: a class, a function, a ``__reduce__``) is refused with an :class:`ArtifactError`
+naming it and what it carries (``trainer.serve.pickle_scan``), and nothing in it runs; an artifact of format
+version 3 or older (which pickled the layout) is told to be exported again. The method's module is rebuilt by the
+installed package from the stored config and state (its spec's ``InferenceHooks``), its tensors loaded into it.
+The config's ``embeddings.plugins`` are imported by name, as training does: installed modules, not code from the
+file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import zipfile
@@ -32,15 +41,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings import registry
 from embeddings.ops import salted_hash as fused_hash
-from embeddings.quant import PRECISIONS, SparseParts, build_sparse
+from embeddings.inference_state import hooks_of
+from embeddings.quant import PRECISIONS, SparseParts, build_sparse, config_dict, form_of, fused_hashing, inner_ebc
 from trainer.config import Config
 from trainer.serve.export import FORMAT, VERSION, tensor_checksums, versions
+from trainer.serve.pickle_scan import scan
 from trainer.strict import from_dict
 
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("precision", "config", "embeddings", "feature_names", "num_embeddings_per_feature", "sparse_path",
             "sparse", "dense_state_dict", "versions", "sha256")
+SPARSE_REQUIRED = ("form", "configs", "is_weighted", "tables", "buffers", "parameters", "state")
 EXPORT_COMMAND = "compactrec export CONFIG --out ARTIFACT --precision P"
 
 
@@ -55,10 +67,12 @@ def read_artifact(path: Union[str, Path]) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"inference artifact {str(path)!r} does not exist; write one with `{EXPORT_COMMAND}`")
     try:
+        # data only: weights_only refuses any pickled object before it is built, so nothing in the file runs;
         # memory-mapped: the tables are copied from the file into the kernel's storage, never held twice
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            AttributeError, ModuleNotFoundError, ImportError) as exc:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused(path, exc) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path}: not a readable CompactRec inference artifact ({type(exc).__name__}: "
                             f"{str(exc).strip()[:300]})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -84,11 +98,28 @@ def read_artifact(path: Union[str, Path]) -> Dict[str, Any]:
     if not isinstance(sparse, dict) or not isinstance(sparse.get("form"), str):
         raise ArtifactError(f"{path}: inference artifact has no valid sparse module (form "
                             f"{sparse.get('form') if isinstance(sparse, dict) else sparse!r})")
+    missing = [k for k in SPARSE_REQUIRED if k not in sparse]
+    if missing:
+        raise ArtifactError(f"{path}: inference artifact's sparse module lacks {missing} (a damaged or hand-edited "
+                            "file)")
     here = versions()
     if payload["versions"].get("compactrec") != here["compactrec"]:
         logger.warning("%s was written by compactrec %s, this is %s", path, payload["versions"].get("compactrec"),
                        here["compactrec"])
     return payload
+
+
+def _refused(path: Path, exc: Exception) -> ArtifactError:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, read from its opcodes without running them."""
+    found = scan(path)
+    if found.format == FORMAT and found.version is not None and found.version != VERSION:
+        return ArtifactError(f"{path}: inference artifact format version {found.version} holds pickled package "
+                             f"objects (its layout), which this code does not load (version {VERSION} is data only); "
+                             f"nothing in the file was run. Export its checkpoint again with `{EXPORT_COMMAND}`")
+    carries = ", ".join(sorted(set(found.globals))[:5]) or str(exc).strip().splitlines()[0][:200]
+    return ArtifactError(f"{path}: refused: the file carries pickled objects ({carries}), which a CompactRec "
+                         "inference artifact never holds; nothing in it was run (read with "
+                         f"torch.load(weights_only=True)). Write artifacts with `{EXPORT_COMMAND}`")
 
 
 class InferenceModel(nn.Module):
@@ -112,13 +143,22 @@ def _build(payload: Dict[str, Any], source: str, device: torch.device) -> nn.Mod
     spec = registry.get(payload["embeddings"])
     options: Any = from_dict(spec.options_type, config.embeddings.options, source=source, prefix="embeddings.options")
     s = payload["sparse"]
+    ctx = sparse_context(config, payload["feature_names"], payload["num_embeddings_per_feature"], device)
+    layout = None
+    if s["form"] != "full":  # the method's module rebuilt by this code from the config and the stored state
+        rebuilt = hooks_of(spec).rebuild(dataclasses.replace(ctx, device=torch.device("meta")), options, s["state"])
+        tables = [config_dict(c) for c in inner_ebc(rebuilt).embedding_bag_configs()]
+        if form_of(rebuilt) != s["form"] or tables != s["configs"]:
+            raise ArtifactError(f"{source}: the {payload['embeddings']} module this code builds from the artifact's "
+                                f"config is a {form_of(rebuilt)!r} module with tables {tables}; the artifact holds a "
+                                f"{s['form']!r} module with {s['configs']}")
+        layout = fused_hashing(rebuilt.layout)
     parts = SparseParts(form=s["form"], precision=payload["precision"], configs=s["configs"],
-                        is_weighted=s["is_weighted"], tables=s["tables"], layout=s["layout"], buffers=s["buffers"],
-                        parameters=s["parameters"])
+                        is_weighted=s["is_weighted"], tables=s["tables"], layout=layout, buffers=s["buffers"],
+                        parameters=s["parameters"], state=s["state"])
     if getattr(getattr(parts.layout, "options", None), "hash_backend", None) == "fused":
         fused_hash.ensure_op()  # register compactrec::salted_hash before the first forward
     sparse = build_sparse(parts, device)
-    ctx = sparse_context(config, payload["feature_names"], payload["num_embeddings_per_feature"], device)
     model = build_dlrm(config, SparseArch(spec=spec, options=options, context=ctx, module=sparse), dense_device=device)
     prefix = payload["sparse_path"] + "."
     wanted = {k for k in model.state_dict() if not k.startswith(prefix)}

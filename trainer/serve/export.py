@@ -6,14 +6,20 @@ runs in one process with no process group: it builds the unsharded model (DLRM /
 per-sample head around the configured embedding module), loads the checkpoint's model part into it with
 torch.distributed.checkpoint (which gathers row-wise and other shards written by any number of ranks into
 whole tensors), quantizes the sparse module's inner tables (``embeddings.quant.split_sparse``) and writes one
-file (``torch.save``, written to a temporary name and renamed)::
+file (``torch.save``, written to a temporary name and renamed) that holds data only - tensors, dicts, lists,
+strings and numbers, no pickled object (checked before writing, :func:`check_plain`), so it reads with
+``torch.load(weights_only=True)``::
 
-    {"format": "compactrec-inference", "version": 2, "precision": "int8",
+    {"format": "compactrec-inference", "version": 4, "precision": "int8",
      "config": resolved configuration (dict), "embeddings": kind, "ids": "raw",
      "feature_names": [...], "num_embeddings_per_feature": [...] or null (a method sized in rows),
      "sparse_path": where the sparse module sits in the model ("sparse_arch.embedding_bag_collection"),
-     "sparse": embeddings.quant.SparseParts as a dict (form, inner table configs, quantized rows, the layout -
-               the method's id maths object - its buffers: salts, LMA dictionary, hot-id keys - and parameters),
+     "sparse": {"form": embeddings.quant form name, "configs": inner table configs (dicts), "is_weighted": bool,
+                "tables": {table: {"weight": quantized rows, "scale_shift": ... or None}},
+                "buffers": the module's buffers (salts, LMA dictionary, hot-id keys, vocabulary),
+                "parameters": its other parameters (MEM-REC's weight table),
+                "state": what the module is rebuilt from beyond the config (the spec's InferenceHooks: hot
+                         values per feature, the LMA dictionary's size), tensors},
      "dense_state_dict": every other tensor of the model (the MLPs, fp32),
      "table_bytes": bytes of the quantized tables, "versions": {torch, fbgemm_gpu, torchrec, compactrec},
      "checkpoint": the checkpoint's COMPLETE.json (+ path), or null for an in-process export,
@@ -21,9 +27,9 @@ file (``torch.save``, written to a temporary name and renamed)::
                 payload (``tensor_checksums``), compared at load: a damaged file is an error naming it}}
 
 ``trainer.serve.artifact.load`` reads it back as a module ``(dense, KJT of raw ids) -> logits`` with only the
-installed package: no config file, LMA index or id-count file (a vocabulary or hot rows travel as the layout's
-buffers), no process group. The file contains pickled
-package objects (the layout), so load only artifacts you trust, as with any ``torch.load``.
+installed package: the method's module is rebuilt from the stored config and state (no config file, LMA index or
+id-count file), its tensors loaded into it; no process group. Version 3 and older pickled the layout object;
+they are refused (export again).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from embeddings import registry
+from embeddings.inference_state import hooks_of
 from embeddings.integrity import tensor_sha256
 from embeddings.quant import check_precision, split_sparse
 from trainer.train import checkpoint
@@ -45,7 +53,7 @@ from trainer.strict import to_dict
 logger = logging.getLogger(__name__)
 
 FORMAT = "compactrec-inference"
-VERSION = 3  # 3: sha256 of every tensor
+VERSION = 4  # 3: sha256 of every tensor; 4: data only (the layout rebuilt from config + state)
 
 
 def build_unsharded(config: Config, feature_names: Any, sizes: Any, device: torch.device,
@@ -94,12 +102,37 @@ def tensor_checksums(payload: Any, prefix: str = "") -> Dict[str, str]:
     return out
 
 
+PLAIN = (str, int, float, bool, type(None))
+
+
+def check_plain(payload: Any, where: str = "artifact") -> None:
+    """A ValueError naming the entry unless ``payload`` is tensors, dicts with string keys, lists, tuples,
+    strings, numbers and None: what ``torch.load(weights_only=True)`` reads back without running code."""
+    if isinstance(payload, (torch.Tensor, *PLAIN)):
+        return
+    if isinstance(payload, dict):
+        for key, value in payload.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: key {key!r} is a {type(key).__name__}, not a string")
+            check_plain(value, f"{where}.{key}")
+        return
+    if isinstance(payload, (list, tuple)):
+        for i, value in enumerate(payload):
+            check_plain(value, f"{where}.{i}")
+        return
+    raise ValueError(f"{where} is a {type(payload).__module__}.{type(payload).__qualname__}: an inference artifact "
+                     "holds tensors and plain data only (a method's inference state must be tensors)")
+
+
 def write_artifact(model: nn.Module, sparse: nn.Module, config: Config, feature_names: Any, sizes: Any,
                    precision: str, out: Path, checkpoint_meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Quantize ``model``'s sparse module (``sparse``) to ``precision`` and write the artifact to ``out``."""
     check_precision(precision, "--precision")
     path = sparse_path(model, sparse)
     parts = split_sparse(sparse, precision)
+    if parts.form != "full":  # a plain EBC is rebuilt from its table configs alone
+        parts.state = {k: v.detach().cpu().contiguous()
+                       for k, v in hooks_of(registry.get(config.embeddings.kind)).state(sparse).items()}
     dense = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(path + ".")}
     payload = {
         "format": FORMAT, "version": VERSION, "precision": precision,
@@ -108,12 +141,13 @@ def write_artifact(model: nn.Module, sparse: nn.Module, config: Config, feature_
         "num_embeddings_per_feature": None if sizes is None else [int(n) for n in sizes],
         "sparse_path": path,
         "sparse": {"form": parts.form, "configs": parts.configs, "is_weighted": parts.is_weighted,
-                   "tables": parts.tables, "layout": parts.layout, "buffers": parts.buffers,
-                   "parameters": parts.parameters},
+                   "tables": parts.tables, "buffers": parts.buffers, "parameters": parts.parameters,
+                   "state": parts.state},
         "dense_state_dict": dense, "table_bytes": parts.table_bytes(), "versions": versions(),
         "checkpoint": checkpoint_meta,
     }
     payload["sha256"] = tensor_checksums(payload)
+    check_plain(payload)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -150,4 +184,4 @@ def export_checkpoint(config: Config, out: Path, checkpoint_dir: Optional[Path] 
     return {**done, "checkpoint": str(path), "step": meta["step"]}
 
 
-__all__ = ["FORMAT", "VERSION", "build_unsharded", "export_checkpoint", "write_artifact"]
+__all__ = ["FORMAT", "VERSION", "build_unsharded", "check_plain", "export_checkpoint", "write_artifact"]
