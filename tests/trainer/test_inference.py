@@ -240,7 +240,7 @@ def artifact(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def _edited(artifact: Path, out: Path, edit: Any, checksums: bool = True) -> Path:
     """``artifact`` edited by ``edit``; with ``checksums`` its sha256 entry is rewritten to match the edit."""
-    payload = torch.load(artifact, weights_only=False)
+    payload = torch.load(artifact, weights_only=True)  # data only
     edit(payload)
     if checksums:
         payload["sha256"] = tensor_checksums(payload)

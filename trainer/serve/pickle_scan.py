@@ -9,7 +9,7 @@ import pickletools
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Set
 
 STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 INT_OPS = {"BININT", "BININT1", "BININT2", "INT", "LONG1", "LONG4", "LONG"}
@@ -18,12 +18,23 @@ MAX_PICKLE_BYTES = 64 << 20  # the object tree only; tensors are separate member
 
 @dataclass
 class PickleScan:
-    """The globals (``module.name``) the pickle would import or call, and the ``format`` / ``version`` entries it
-    holds (the first of each), when they could be read."""
+    """The globals (``module.name``) the pickle would import or call beyond those ``torch.load(weights_only=True)``
+    allows (tensor storages, ``OrderedDict``, ...), and the ``format`` / ``version`` entries it holds (the first of
+    each), when they could be read."""
 
     globals: List[str] = field(default_factory=list)
     format: Optional[str] = None
     version: Optional[int] = None
+
+
+def _allowed() -> Set[str]:
+    """The globals torch's weights-only unpickler accepts (private API: an empty set where it is missing)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):
+        return set()
 
 
 def _pickle_bytes(path: Path) -> Optional[bytes]:
@@ -62,6 +73,8 @@ def scan(path: Path) -> PickleScan:
                 out.version = arg
     except (ValueError, TypeError, EOFError):
         pass  # a damaged pickle: what was read so far
+    allowed = _allowed()
+    out.globals = [g for g in out.globals if g not in allowed]
     return out
 
 
