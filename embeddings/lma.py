@@ -16,6 +16,10 @@ ROBE's random addresses ``hash_to_range(x, f, seed, c, rows)``, so any int64 id 
 
 With hot rows (``budget`` + ``hot_share``, ``embeddings.robe``), hot values take their exact rows and are left out
 of the dictionary (their entries would never be read), which the budget then spends on the shared array.
+
+An inference artifact stores the dictionary as the module's buffers and its size as state (:func:`inference_state`);
+:func:`rebuild` builds the same layout on ``meta`` from the config, that size and the stored hot set
+(:class:`StoredDictionaryAddresser`), with no index file.
 """
 
 from __future__ import annotations
