@@ -1,7 +1,8 @@
 """Inference artifacts end to end: train -> ``compactrec export --precision`` -> ``trainer.serve.artifact.load`` ->
 ``compactrec score`` equals the training model's own evaluation (fp32 within float tolerance, fp16/int8 AUC within
 0.001); ``score`` reads TSV, npy and npz alike; the Python API; every method's model survives the round trip with
-no config, index or process group; wrong, corrupt, other-version and wrong-precision artifacts are clear errors."""
+no config, index or process group, from a file that reads with ``torch.load(weights_only=True)``; wrong, corrupt,
+other-version and wrong-precision artifacts are clear errors (crafted pickles: ``test_artifact_safety.py``)."""
 
 from __future__ import annotations
 
@@ -213,6 +214,7 @@ def test_every_method_round_trips_without_config_or_index(name: str, tiny_datase
     for precision in ("fp32", "int8"):
         write_artifact(model, arch.module, config, info.feature_names, info.num_embeddings_per_feature, precision,
                        tmp_path / f"{precision}.pt")
+        assert "layout" not in torch.load(tmp_path / f"{precision}.pt", weights_only=True)["sparse"]  # data only
     index.unlink(missing_ok=True)  # LMA's dictionary, the hot-row keys and the vocabulary are in the artifact
     counts.unlink(missing_ok=True)
     with torch.no_grad():
