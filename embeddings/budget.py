@@ -85,7 +85,8 @@ def select_hot(ctx: SparseArchContext, options: BudgetOptions, row_bytes: int) -
     spend = options.hot_share * budget_bytes(ctx, options.budget)
     key_bytes = 8
     while True:
-        hot = HotSet.select(ctx.id_counts, ctx.feature_names, int(spend // (row_bytes + key_bytes)),
+        # + 6: the fused kernels' open-addressing slots, 4 B each, 4/3 per key (embeddings.hot_rows.slot_capacity)
+        hot = HotSet.select(ctx.id_counts, ctx.feature_names, int(spend // (row_bytes + key_bytes + 6)),
                             options.hot_min_count)
         if hot.key_bytes() <= key_bytes:
             return hot

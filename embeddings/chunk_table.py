@@ -37,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.remap import (
+    KERNELS,
     POOLINGS,
     Aux,
     FeatureGroups,
@@ -53,6 +54,7 @@ from embeddings.remap import (
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt
 from embeddings.id_hash import salted_hash
+from embeddings.ops.chunk_bag import BagArgs
 from embeddings.hot_rows import HotLookup, HotSet, hot_bytes
 from embeddings.types import SparseArchContext
 
@@ -73,6 +75,10 @@ class ChunkedOptions(BudgetOptions):
     - ``seed``: hash seed in [0, 2**63).
     - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
       first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
+    - ``kernel``: "auto" (the unsharded module runs its whole embedding stage - hot rows, hashes, addresses,
+      gather, pooling, and in training the backward with the fused optimizer - in one fused operator,
+      ``embeddings.ops.chunk_bag``, where its C++ kernel runs: CPU tensors; the inner EmbeddingBagCollection
+      elsewhere) or "tbe" (always the inner EmbeddingBagCollection); results are equal (tests/embeddings/test_chunk_bag.py).
     - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
       replaces ``memory_fraction`` / ``num_rows``).
     """
@@ -84,6 +90,7 @@ class ChunkedOptions(BudgetOptions):
     pooling: str = "sum"
     seed: int = 0
     hash_backend: str = "torch"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_memory(self.memory_fraction, self.num_rows)
@@ -92,6 +99,7 @@ class ChunkedOptions(BudgetOptions):
         check_choice("pooling", self.pooling, POOLINGS)
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
+        check_choice("kernel", self.kernel, KERNELS)
         self.check_budget()
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
@@ -277,12 +285,7 @@ class ChunkLayout(RemapLayout):
         lengths = features.lengths()
         n = values.numel()
         feature_of_value, per_feature = feature_of_values(lengths, num_features, n)
-        rows = self.addresser.rows(self, values, feature_of_value, buffers)  # [n, C]
-        if self.hot.total:  # chunk c of hot value i of feature f: row base_f + C * i + c
-            hit, index = self.hot.lookup(values, feature_of_value, buffers)
-            chunk_of = torch.arange(chunks, dtype=torch.int64, device=values.device)[None, :]
-            hot_rows = (buffers["chunk_hot_base"][feature_of_value] + chunks * index)[:, None] + chunk_of
-            rows = torch.where(hit[:, None], hot_rows, rows)
+        rows = self.fused_addresses(values, feature_of_value, buffers)  # [n, C]
         # feature-major, then chunk-major: chunk c of value i of feature f goes to
         # C * start_f + c * n_f + (i - start_f)
         starts = torch.cumsum(per_feature, 0) - per_feature
@@ -297,6 +300,28 @@ class ChunkLayout(RemapLayout):
             lengths=lengths.view(num_features, 1, batch).expand(num_features, chunks, batch).reshape(-1),
         )
         return kjt, None
+
+    def fused_addresses(self, values: torch.Tensor, feature_of_value: torch.Tensor,
+                        buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Rows [n, C] of every chunk of every id: the addresser's, hot values' own rows over them."""
+        rows = self.addresser.rows(self, values, feature_of_value, buffers)
+        if self.hot.total:  # chunk c of hot value i of feature f: row base_f + C * i + c
+            hit, index = self.hot.lookup(values, feature_of_value, buffers)
+            chunk_of = torch.arange(self.num_chunks, dtype=torch.int64, device=values.device)[None, :]
+            hot_rows = (buffers["chunk_hot_base"][feature_of_value] + self.num_chunks * index)[:, None] + chunk_of
+            rows = torch.where(hit[:, None], hot_rows, rows)
+        return rows
+
+    def fused_plan(self, buffers: Mapping[str, torch.Tensor]) -> Optional[Tuple[BagArgs, List[str], bool]]:
+        """Every chunk layout runs fused: ROBE-Z's random addresses inside the operator, any other addresser's
+        (LMA's dictionary, identity) computed first and passed in."""
+        device = buffers["chunk_rows"].device
+        random = type(self.addresser) is RandomChunkAddresser
+        hot = self.hot_kernel_args(buffers, buffers["chunk_hot_base"]) if random and self.hot.total else {}
+        args = BagArgs(table_of_feature=self.cached("groups", self.groups.group_of_feature, device),
+                       num_chunks=self.num_chunks, pooling=1 if self.options.pooling == "mean" else 0,
+                       salts=buffers["chunk_salts"] if random else None, rows=buffers["chunk_rows"], **hot)
+        return args, [self.table_name(g) for g in range(len(self.groups.groups))], random
 
     def finish(self, kt: KeyedTensor, aux: Aux) -> KeyedTensor:
         values = kt.values()

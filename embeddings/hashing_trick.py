@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.remap import (
+    KERNELS,
     DEFAULT_MEMORY_FRACTION,
     POOLINGS,
     Aux,
@@ -42,6 +43,7 @@ from embeddings.remap import (
 )
 from embeddings.hashing import HASH_BACKENDS, hash_salt
 from embeddings.id_hash import salted_hash
+from embeddings.ops.chunk_bag import BagArgs
 from embeddings.hot_rows import HotLookup, hot_bytes
 from embeddings.types import SparseArchContext
 
@@ -58,6 +60,10 @@ class HashOptions(BudgetOptions):
     - ``hash``: "mix" (pinned splitmix64 hash) or "identity" (``id mod rows``).
     - ``hash_backend``: "torch" (int64 tensor ops, any device) or "fused" (one-pass C kernel compiled at
       first use, CPU tensors only; same bits; falls back to "torch", logged, where it cannot run).
+    - ``kernel``: "auto" (the unsharded module runs its whole embedding stage - hot rows, hashes, addresses,
+      gather, pooling, and in training the backward with the fused optimizer - in one fused operator,
+      ``embeddings.ops.chunk_bag``, where its C++ kernel runs: CPU tensors; the inner EmbeddingBagCollection
+      elsewhere) or "tbe" (always the inner EmbeddingBagCollection); results are equal (tests/embeddings/test_chunk_bag.py).
     - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
       replaces ``memory_fraction`` / ``num_rows``).
     """
@@ -68,6 +74,7 @@ class HashOptions(BudgetOptions):
     seed: int = 0
     hash: str = "mix"
     hash_backend: str = "torch"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_memory(self.memory_fraction, self.num_rows)
@@ -75,6 +82,7 @@ class HashOptions(BudgetOptions):
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash", self.hash, ("mix", "identity"))
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
+        check_choice("kernel", self.kernel, KERNELS)
         self.check_budget()
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
@@ -150,6 +158,25 @@ class HashLayout(RemapLayout):
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=mapped, lengths=features.lengths(),
                                 stride=features.stride())
         return kjt, None
+
+    def fused_addresses(self, values: torch.Tensor, feature_of_value: torch.Tensor,
+                        buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``hash: identity``'s rows (``x mod rows_f``, hot values' own rows over them), [n, 1]."""
+        mapped = torch.remainder(values, buffers["hash_rows"][feature_of_value])
+        if self.hot.total:
+            hit, index = self.hot.lookup(values, feature_of_value, buffers)
+            mapped = torch.where(hit, buffers["hash_rows"][feature_of_value] + index, mapped)
+        return mapped[:, None]
+
+    def fused_plan(self, buffers: Mapping[str, torch.Tensor]) -> Optional[Tuple[BagArgs, List[str], bool]]:
+        """One table per feature, one chunk of ``dim`` floats per id; hot value i of feature f is row rows_f + i."""
+        rows = buffers["hash_rows"]
+        mix = self.options.hash == "mix"
+        args = BagArgs(table_of_feature=self.cached("features", list(range(len(self.feature_names))), rows.device),
+                       num_chunks=1, pooling=1 if self.options.pooling == "mean" else 0,
+                       salts=buffers["hash_salts"][:, None] if mix else None, rows=rows,
+                       **(self.hot_kernel_args(buffers, rows) if mix else {}))
+        return args, [self.table_name(f) for f in self.feature_names], mix
 
 
 class HashedEmbeddingBagCollection(RemappedEmbeddingBagCollection):

@@ -31,6 +31,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embeddings.ops import chunk_bag
 from embeddings.quant import InferenceForm, register_form
 from embeddings.checks import check_choice, check_int, check_layout_args, select_features, where  # noqa: F401 (re-exported)
 from embeddings.hashing import MAX_BUCKETS
@@ -50,6 +51,7 @@ from embeddings.types import (
 Aux = Optional[Dict[str, torch.Tensor]]
 DEFAULT_MEMORY_FRACTION = 1.0 / 16  # the LMA paper's main budget
 POOLINGS = ("sum", "mean")
+KERNELS = ("auto", "tbe")
 
 
 # ---- option checks (errors name embeddings.options.<field>) -------------------------------------------
@@ -157,6 +159,26 @@ class RemapLayout(abc.ABC):
         """Inner EBC output -> module output (default: unchanged)."""
         return kt
 
+    def fused_plan(self, buffers: Mapping[str, torch.Tensor]) -> Optional[Tuple[chunk_bag.BagArgs, List[str], bool]]:
+        """(operator arguments, inner table names in table order, whether the operator computes the addresses itself)
+        when this layout's lookup can run on ``compactrec::chunk_bag_forward``, else None (the inner EBC runs)."""
+        return None
+
+    def fused_addresses(self, values: torch.Tensor, feature_of_value: torch.Tensor,
+                        buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Rows [N, C] of every chunk of every id, for a fused plan whose operator takes addresses."""
+        raise NotImplementedError(f"{self.method}: no fused addresses")
+
+    def hot_kernel_args(self, buffers: Mapping[str, torch.Tensor], base: torch.Tensor) -> Dict[str, Any]:
+        """The hot-row arguments of :class:`embeddings.ops.chunk_bag.BagArgs` (none without hot rows)."""
+        if not self.hot.total:
+            return {}
+        out: Dict[str, Any] = {"hot_keys": buffers["hot_keys"], "hot_slots": buffers["hot_slots"],
+                               "hot_starts": buffers["hot_starts"], "hot_shift": self.hot.shift, "hot_base": base}
+        if self.hot.mode == "verified":
+            out["hot_values"], out["hot_salts"] = buffers["hot_values"], buffers["hot_salts"]
+        return out
+
     def check_shardable(self) -> None:
         """Raise if the inner tables cannot run on the fused TBE kernel (dims must be multiples of 4)."""
         bad = sorted({c.embedding_dim for c in self.inner_configs() if c.embedding_dim % 4})
@@ -205,10 +227,40 @@ class RemappedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def layout_buffers(self) -> Dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._buffer_names}
 
+    def uses_fused_kernel(self, device: torch.device) -> bool:
+        """Whether ``forward`` runs the fused operator (``kernel: auto``, CPU, the C++ library built, a fused plan)."""
+        options = getattr(self.layout, "options", None)
+        if getattr(options, "kernel", "tbe") != "auto" or device.type != "cpu" or not chunk_bag.available():
+            return False
+        if type(self.ebc) is not EmbeddingBagCollection:  # a quantized inner EBC (inference) runs fbgemm's kernel
+            return False
+        return self.layout.fused_plan(self.layout_buffers()) is not None
+
+    def fused_weights(self, names: Sequence[str]) -> List[torch.Tensor]:
+        return [self.ebc.embedding_bags[name].weight for name in names]
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if self.uses_fused_kernel(features.values().device):
+            return self._fused_forward(features)
         with torch.no_grad():
             kjt, aux = self.layout.expand(features, self.layout_buffers())
         return self.layout.finish(self.ebc(kjt), aux)
+
+    def _fused_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        layout, buffers = self.layout, self.layout_buffers()
+        plan = layout.fused_plan(buffers)
+        assert plan is not None
+        args, names, computes_addresses = plan
+        features = layout.select_features(features)
+        values, lengths = features.values().to(torch.int64), features.lengths()
+        addresses = None
+        if not computes_addresses:
+            with torch.no_grad():
+                feature_of_value, _ = feature_of_values(lengths, len(layout.feature_names), values.numel())
+                addresses = layout.fused_addresses(values, feature_of_value, buffers)
+        out = chunk_bag.lookup(self.fused_weights(names), values, lengths, args, addresses)
+        return KeyedTensor(keys=layout.feature_names, length_per_key=[layout.embedding_dim] * len(layout.feature_names),
+                           values=out)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self.layout.logical_configs()

@@ -12,11 +12,8 @@ i.e. ``unsigned_mod(mix64(values[:, None] ^ salts[feature]), m)`` of ``embedding
 
 Kernels of the operator:
 
-- CPU: C++ (``embeddings/ops/csrc/salted_hash.cpp``, ``TORCH_LIBRARY``), compiled with torch's C++-extension
-  tooling (``torch.utils.cpp_extension``, ninja) at first use into a per-user cache
-  (``$COMPACTREC_KERNEL_CACHE``, default ``~/.cache/compactrec/kernels``; the directory name carries a hash of
-  the source, the flags and the torch version; torch's build lock makes concurrent ranks safe), split over
-  torch's intra-op threads (``at::parallel_for``).
+- CPU: C++ (``embeddings/ops/csrc/salted_hash.cpp``), in the extension :mod:`embeddings.ops.library` builds at
+  first use into a per-user cache, split over torch's intra-op threads (``at::parallel_for``).
 - every other device (CUDA), and CPU when the C++ kernel cannot be built (no compiler or ninja, a failed
   build; logged once as a warning) or ``COMPACTREC_FUSED_HASH=0``: the torch ops of ``embeddings.hashing``,
   registered for the same operator, so a model that calls it runs (and scripts, and exports) anywhere.
@@ -28,53 +25,25 @@ Kernels of the operator:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 import threading
-from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from embeddings.hashing import MAX_BUCKETS, mix64
+from embeddings.ops import library
 
 logger = logging.getLogger(__name__)
 
-OP_NAMESPACE = "compactrec"
+OP_NAMESPACE = library.NAMESPACE
 OP_NAME = "salted_hash"
-SCHEMA = "salted_hash(Tensor values, Tensor? feature, Tensor salts, Tensor? mods=None) -> Tensor"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "salted_hash.cpp"
-_CFLAGS = ["-O3"]
+SCHEMA = library.SCHEMAS[OP_NAME]
 
 _lock = threading.Lock()
-_state: Dict[str, object] = {}  # "native": bool once registered; "libs": torch.library.Library objects kept alive
+_state: Dict[str, object] = {}  # "native": bool once the Python kernels are registered
 _warned_devices: set = set()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMPACTREC_KERNEL_CACHE") or Path.home() / ".cache" / "compactrec" / "kernels")
-
-
-def _build_native() -> None:
-    """Compile (or reuse the cached build of) the C++ operator and load it; raises when it cannot."""
-    from torch.utils import cpp_extension
-
-    source = SOURCE.read_text()
-    tag = hashlib.sha256("\n".join([source, " ".join(_CFLAGS), torch.__version__]).encode()).hexdigest()[:12]
-    directory = cache_dir() / f"salted_hash_{tag}"
-    directory.mkdir(parents=True, exist_ok=True)
-    saved_path = os.environ.get("PATH", "")
-    if shutil.which("ninja") is None:  # the pip package (requirements/common.txt) when no system ninja is on PATH
-        import ninja  # noqa: F401 - ImportError propagates to ensure_op, which logs it and falls back
-
-        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved_path])
-    try:
-        cpp_extension.load(name=f"compactrec_salted_hash_{tag}", sources=[str(SOURCE)], extra_cflags=_CFLAGS,
-                           build_directory=str(directory), is_python_module=False, verbose=False)
-    finally:
-        os.environ["PATH"] = saved_path
+cache_dir = library.cache_dir
 
 
 def _torch_kernel(values: torch.Tensor, feature: Optional[torch.Tensor], salts: torch.Tensor,
@@ -110,27 +79,10 @@ def ensure_op() -> bool:
     with _lock:
         if "native" in _state:
             return bool(_state["native"])
-        native = False
-        if os.environ.get("COMPACTREC_FUSED_HASH", "1") == "0":
-            logger.warning("compactrec::salted_hash: C++ kernel disabled by COMPACTREC_FUSED_HASH=0; "
-                           "using its torch ops")
-        else:
-            try:
-                _build_native()
-                native = True
-                logger.info("compactrec::salted_hash: C++ kernel loaded (cache %s)", cache_dir())
-            except Exception as exc:  # no compiler/ninja, failed build, unwritable cache: the torch kernel runs
-                logger.warning("compactrec::salted_hash: C++ kernel unavailable (%s: %s); falling back to the "
-                               "torch ops", type(exc).__name__, str(exc).strip().splitlines()[-1][:500] if str(exc)
-                               else "")
-        if native:
-            lib = torch.library.Library(OP_NAMESPACE, "IMPL")  # the schema and CPU kernel come from C++
-        else:
-            lib = torch.library.Library(OP_NAMESPACE, "DEF")
-            lib.define(SCHEMA)
+        native = library.ensure_library()
+        lib = library.library()
         lib.impl(OP_NAME, _torch_kernel, "CompositeExplicitAutograd")  # CUDA etc. (and CPU without C++)
         torch.library.register_fake(f"{OP_NAMESPACE}::{OP_NAME}", _fake_kernel, lib=lib)
-        _state["libs"] = lib
         _state["native"] = native
     return native
 

@@ -1,0 +1,110 @@
+"""The fused chunk-bag path against TorchRec's sharded path: an unsharded module whose tables train with the fused
+operator's in-backward update (``embeddings.ops.chunk_bag``, as ``kernel: auto`` runs on CPU) equals the same module
+sharded row-wise on 2 gloo ranks (fbgemm TBE, its fused update) after 20 steps of SGD, Adagrad and row-wise
+Adagrad, with hot rows. The fused update runs once per lookup call, as fbgemm's TBE does (a module called twice
+before one backward updates twice); the reference therefore looks up the union of the ranks' batches once."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings import registry
+from embeddings.ops import chunk_bag
+from embeddings.types import TopologyInfo
+from sharding.sharders import sharders_for
+from tests.dist_utils import run_multiprocess
+from tests.sharding import test_baselines_sharded as base
+from tests.sharding.test_hot_rows_sharded import _counts
+from trainer.train.optim import embedding_table_parameters
+
+STEPS = 20
+OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 0.5}),
+              "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-8}),
+              "rowwise_adagrad": (RowWiseAdagrad, {"lr": 0.1, "eps": 1e-8})}
+
+
+def _shard(model: Any, method: str, opts: Any, cls: type, kwargs: Dict[str, float],
+           dense_cls: type) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
+    """``test_baselines_sharded._shard`` with the optimizer given (the dense part on ``dense_cls``)."""
+    apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
+    sharders = sharders_for(model)
+    constraints = registry.get(method).default_constraints(model.sparse, opts, TopologyInfo(base.WORLD, base.WORLD, "cpu"))
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=base.WORLD, compute_device="cpu", local_world_size=base.WORLD),
+        constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan,
+                                   sharders=sharders, device=torch.device("cpu"))
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optim = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, **kwargs))])
+    return dmp, optim
+
+
+def _union(batches: List[Batch]) -> Batch:
+    """The ranks' batches as one (the mean loss over it is the mean of the ranks' mean losses): one lookup, so one
+    fused update, as in the sharded step, where each TBE call applies its own update."""
+    features = [b.sparse_features.to_dict() for b in batches]
+    keys = batches[0].sparse_features.keys()
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat([f[k].values() for k in keys for f in features]),
+        lengths=torch.cat([f[k].lengths() for k in keys for f in features]))
+    return Batch(dense_features=torch.cat([b.dense_features for b in batches]), sparse_features=kjt,
+                 labels=torch.cat([b.labels for b in batches]))
+
+
+def _body(rank: int, world: int, method: str, options: Dict[str, Any], counts: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for optimizer, (cls, kwargs) in OPTIMIZERS.items():
+        model, opts = base.build_model(method, options, seed=0, counts=counts)
+        reference = copy.deepcopy(model)
+        assert reference.sparse.uses_fused_kernel(torch.device("cpu"))
+        apply_optimizer_in_backward(cls, embedding_table_parameters(reference.sparse), dict(kwargs))
+        dense_cls = torch.optim.Adagrad if cls is RowWiseAdagrad else cls  # row-wise needs 2-D parameters
+        dense_ref = dense_cls([p for n, p in reference.named_parameters() if not n.startswith("sparse.")],
+                              **kwargs)
+        dmp, optim = _shard(model, method, opts, cls, kwargs, dense_cls)
+        base._copy_into_shards(dmp, reference)
+        for step in range(STEPS):
+            optim.zero_grad()
+            loss, logits = dmp(base.make_batch(step % 7, rank))
+            loss.backward()
+            optim.step()
+            dense_ref.zero_grad()
+            reference(_union([base.make_batch(step % 7, r) for r in range(world)]))[0].backward()
+            dense_ref.step()
+        try:
+            base._assert_matches(dmp, reference)
+        except AssertionError as exc:
+            raise AssertionError(f"{method} {optimizer}: {exc}") from None
+        initial = base.build_model(method, options, seed=0, counts=counts)[0].state_dict()
+        moved = max(float((v - initial[n]).abs().max()) for n, v in reference.state_dict().items())
+        out[optimizer] = {"moved": moved,
+                          "plan": {n: p.sharding_type for n, p in dmp.plan.plan["sparse"].items()}}  # type: ignore[union-attr]
+    return out
+
+
+@pytest.mark.skipif(not chunk_bag.available(), reason="the C++ library did not build here")
+@pytest.mark.parametrize("method,options", [
+    ("hash", {"seed": 3, "budget": 0.5, "hot_share": 0.4, "hot_min_count": 2}),
+    ("robe", {"chunk_size": 4, "seed": 3, "pooling": "mean", "budget": 0.5, "hot_share": 0.4, "hot_min_count": 2}),
+])
+def test_fused_update_equals_sharded_tbe_after_20_steps(method: str, options: Dict[str, Any]) -> None:
+    results: List[Dict[str, Any]] = run_multiprocess(_body, world_size=base.WORLD, args=(method, options, _counts()))
+    for result in results:
+        for optimizer in OPTIMIZERS:
+            assert result[optimizer]["moved"] > 1e-3, "training changed nothing: the parity would be vacuous"
+            assert set(result[optimizer]["plan"].values()) == {"row_wise"}
