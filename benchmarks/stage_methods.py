@@ -8,9 +8,13 @@ A variant is ``<method>[+<modifier>...]``:
 - ``+rowwise``: the inner tables row_wise even on one rank (the placement before issue 13; the default is now
   table_wise on a single rank, where row-wise only adds bucketization and a reduce-scatter).
 - ``+dp``: the inner tables data_parallel on the dense kernel (replicated; dense gradient, dense update).
-- ``+b100``: sized by one byte budget of 1/100 of the full tables (``budget: 0.01``) instead of the fixed sizes.
+- ``+b100``: sized by one byte budget of 1/100 of the full tables (``budget: 0.01``) instead of the fixed sizes;
+  ``+b10`` and ``+b1000``: 1/10 and 1/1000.
 - ``+hot``: half of that budget on hot rows (``hot_share: 0.5``; exact rows for each feature's most frequent
-  ids, counted on a separate sample of the benchmark's own id law); needs ``+b100``.
+  ids, counted on a separate sample of the benchmark's own id law); needs a budget.
+- ``+local``: the unsharded module, not wrapped by DMP, with the trainer's fused sparse optimizer attached: its
+  whole embedding stage and update run on the fused operator (``embeddings.ops.chunk_bag``, ``kernel: auto``);
+  hash, robe and lma only. Without it a compressed module runs TorchRec's sharded path (fbgemm TBE).
 
 Every variant gets the trainer's fused sparse optimizer (SGD in the benchmark) and is wrapped by TorchRec's
 ``DistributedModelParallel`` (world size 1, gloo, CPU) with the method's sharders and constraints. Parameters not
@@ -19,6 +23,7 @@ optimised in backward (MEM-REC's weight table, data-parallel tables) get a dense
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +46,8 @@ from sharding.sharders import sharders_for
 from variants import sized_options, variant as method_variant  # benchmarks/ is on sys.path when a benchmark runs
 
 FUSED_SUFFIX = "_fused"
-MODIFIERS = ("weighted", "rowwise", "dp", "b100", "hot")
+BUDGETS = {"b10": 0.1, "b100": 0.01, "b1000": 0.001}
+MODIFIERS = ("weighted", "rowwise", "dp", *BUDGETS, "hot", "local")
 SIZE_OPTIONS = ("num_token_rows", "num_weight_rows", "memory_fraction", "num_rows", "num_collisions")
 
 
@@ -74,13 +80,14 @@ def method_options(method: str, shape: str, dim: int, lma_index: Optional[str]) 
     ``+hot`` replace the size options by a byte budget (with hot rows)."""
     variant = parse_variant(method)
     kind, opts = _method_options(variant.method, shape, dim, lma_index)
-    if "hot" in variant.modifiers and "b100" not in variant.modifiers:
-        raise ValueError(f"method {method!r}: +hot needs +b100 (hot rows are a share of the byte budget)")
-    if "b100" in variant.modifiers:
+    budgets = [BUDGETS[m] for m in variant.modifiers if m in BUDGETS]
+    if "hot" in variant.modifiers and not budgets:
+        raise ValueError(f"method {method!r}: +hot needs a budget (+b10, +b100, +b1000: hot rows are a share of it)")
+    if budgets:
         if kind == "full":
             raise ValueError(f"method {method!r}: full has no budget")
         opts = {k: v for k, v in opts.items() if k not in SIZE_OPTIONS}
-        opts["budget"] = 0.01
+        opts["budget"] = budgets[0]
         if "hot" in variant.modifiers:
             opts["hot_share"] = 0.5
     return kind, opts
@@ -134,6 +141,17 @@ class Wrapper(nn.Module):
         return self.sparse(kjt).values()
 
 
+class Local(nn.Module):
+    """The unsharded model in the place of DMP (``.module`` is the model, as DMP's is)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.module(kjt)
+
+
 def _placement(constraints: Dict[str, Any], modifiers: Sequence[str]) -> None:
     """Apply ``+rowwise`` / ``+dp`` to the method's default constraints (in place)."""
     for c in constraints.values():
@@ -145,7 +163,7 @@ def _placement(constraints: Dict[str, Any], modifiers: Sequence[str]) -> None:
 
 @dataclass
 class Built:
-    dmp: DistributedModelParallel
+    dmp: nn.Module  # DistributedModelParallel, or Local for +local
     memory: Any
     placement: Dict[str, str]  # table -> sharding type
     dense_optimizer: Optional[torch.optim.Optimizer]  # over parameters not optimised in backward
@@ -157,6 +175,8 @@ def build_dmp(method: str, opts: Dict[str, Any], ctx: SparseArchContext, lr: flo
     kind = kind or method_options(method, "tb", ctx.embedding_dim, opts.get("index_path"))[0]
     spec = registry.get(kind)
     options = from_dict(spec.options_type, opts)
+    if "local" in variant.modifiers:  # no DMP to materialise it: built on the CPU
+        ctx = dataclasses.replace(ctx, device=torch.device("cpu"))
     module = spec.build(ctx, options)
     mem = spec.memory(module, ctx, options, "sgd")
     apply_sparse_optimizer(module, OptimizerConfig(sparse="sgd", sparse_lr=lr))
@@ -164,6 +184,13 @@ def build_dmp(method: str, opts: Dict[str, Any], ctx: SparseArchContext, lr: flo
     constraints = spec.default_constraints(module, options, TopologyInfo(1, 1, "cpu"))
     _placement(constraints, variant.modifiers)
     model = Wrapper(module)
+    if "local" in variant.modifiers:
+        if not getattr(module, "uses_fused_kernel", lambda d: False)(torch.device("cpu")):
+            raise ValueError(f"method {method!r}: +local needs a module on the fused operator (hash, robe, lma with "
+                             "the C++ library built)")
+        dense = [p for _, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad]
+        return Built(Local(model), mem, {"all": "local (fused operator)"},
+                     torch.optim.SGD(dense, lr=lr) if dense else None)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints)
     plan = planner.plan(model, sharders)
     dmp = DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan, sharders=sharders)

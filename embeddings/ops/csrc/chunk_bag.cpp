@@ -200,10 +200,90 @@ Bags bag_views(const at::Tensor& lengths, const at::Tensor& table_of_feature, in
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
+constexpr int64_t kBlock = 32;     // ids whose memory reads are issued together (prefetched, then used)
+constexpr int64_t kAhead = 8;      // ids ahead whose rows the gather prefetches
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_write(const void* p) { __builtin_prefetch(p, 1, 3); }
+
+// The first value of each feature: values are feature-major, feature f's are [starts[f], starts[f + 1]).
+std::vector<int64_t> feature_starts(const Bags& bags) {
+  std::vector<int64_t> starts(bags.num_features + 1);
+  for (int64_t f = 0; f <= bags.num_features; ++f) starts[f] = bags.offsets[f * bags.batch];
+  return starts;
+}
+
+// Phase 1: the C rows of every id. Blocks of kBlock ids: the hot-slot reads of a block are issued together, then
+// the key reads, then the probes resolve (usually at the first slot), so the memory latency of a block overlaps.
+void address_kernel(const Bags& bags, const int64_t* vp, const int64_t* sp, const std::vector<uint64_t>& mod,
+                    const std::vector<uint64_t>& inv, const Hot& hot, int64_t C, int64_t* ap) {
+  const std::vector<int64_t> starts = feature_starts(bags);
+  at::parallel_for(0, bags.n, 4096, [&](int64_t begin, int64_t end) {
+    int64_t f = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    uint64_t query[kBlock], slot[kBlock];
+    int64_t feat[kBlock];
+    int32_t pos[kBlock];
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, end - i0);
+      for (int64_t j = 0; j < m; ++j) {
+        while (i0 + j >= starts[f + 1]) ++f;
+        feat[j] = f;
+      }
+      if (hot.active()) {
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t x = vp[i0 + j], fj = feat[j];
+          if (hot.values == nullptr) {
+            if (x < 0 || (hot.shift < 63 && x >= (int64_t(1) << hot.shift))) {
+              slot[j] = ~uint64_t(0);
+              continue;
+            }
+            query[j] = ((uint64_t)fj << hot.shift) | (uint64_t)x;
+          } else {
+            query[j] = ((uint64_t)fj << hot.shift) | (mix64((uint64_t)x ^ (uint64_t)hot.salts[fj]) >> (64 - hot.shift));
+          }
+          slot[j] = umod(mix64(query[j]), hot.cap, hot.cap_inv);
+          prefetch(hot.slots + slot[j]);
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          pos[j] = slot[j] == ~uint64_t(0) ? -1 : hot.slots[slot[j]];
+          if (pos[j] >= 0) {
+            prefetch(hot.keys + pos[j]);
+            if (hot.values != nullptr) prefetch(hot.values + pos[j]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t i = i0 + j, fj = feat[j], x = vp[i];
+        int64_t* a = ap + i * C;
+        int64_t index = -1;
+        if (hot.active() && pos[j] >= 0) {
+          uint64_t s = slot[j];
+          int32_t p = pos[j];
+          while (p >= 0) {  // linear probing from the home slot
+            if ((uint64_t)hot.keys[p] == query[j] && (hot.values == nullptr || hot.values[p] == x)) {
+              index = p - hot.starts[fj];
+              break;
+            }
+            s = (s + 1 == hot.cap) ? 0 : s + 1;
+            p = hot.slots[s];
+          }
+        }
+        if (index >= 0) {
+          const int64_t base = hot.base[fj] + C * index;
+          for (int64_t c = 0; c < C; ++c) a[c] = base + c;
+        } else {
+          const int64_t* salt = sp + fj * C;
+          for (int64_t c = 0; c < C; ++c) a[c] = (int64_t)umod(mix64((uint64_t)x ^ (uint64_t)salt[c]), mod[fj], inv[fj]);
+        }
+      }
+    }
+  });
+}
+
+// Phase 2: gather and pool, bag by bag; the rows of the id kAhead ahead (in the same feature) are prefetched.
 template <typename T>
-void forward_kernel(const Tables& tables, const Bags& bags, const int64_t* vp, const int64_t* sp,
-                    const std::vector<uint64_t>& mod, const std::vector<uint64_t>& inv, const Hot& hot,
-                    int64_t* ap, bool given, int64_t C, int64_t pooling, float* op, std::atomic<int64_t>& bad) {
+void gather_kernel(const Tables& tables, const Bags& bags, const int64_t* ap, int64_t C, int64_t pooling, float* op,
+                   std::atomic<int64_t>& bad) {
   const int64_t F = bags.num_features, B = bags.batch, Z = tables.width, dim = C * Z;
   at::parallel_for(0, F * B, 512, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(dim);
@@ -211,26 +291,21 @@ void forward_kernel(const Tables& tables, const Bags& bags, const int64_t* vp, c
       const int64_t f = k / B, b = k - f * B;
       const int64_t t = bags.table[f];
       const T* w = reinterpret_cast<const T*>(tables.data[t]);
-      const int64_t table_rows = tables.rows[t];
+      const uint64_t table_rows = (uint64_t)tables.rows[t];
+      const int64_t feature_end = bags.offsets[(f + 1) * B];
       float* out = op + b * F * dim + f * dim;
       std::fill(acc.begin(), acc.end(), 0.0f);
       const int64_t lo = bags.offsets[k], hi = bags.offsets[k + 1];
       for (int64_t i = lo; i < hi; ++i) {
-        int64_t* a = ap + i * C;
-        if (!given) {
-          const int64_t x = vp[i];
-          const int64_t index = hot.active() ? hot.find(f, x) : -1;
-          if (index >= 0) {
-            const int64_t base = hot.base[f] + C * index;
-            for (int64_t c = 0; c < C; ++c) a[c] = base + c;
-          } else {
-            const int64_t* salt = sp + f * C;
-            for (int64_t c = 0; c < C; ++c) a[c] = (int64_t)umod(mix64((uint64_t)x ^ (uint64_t)salt[c]), mod[f], inv[f]);
-          }
+        if (i + kAhead < feature_end) {
+          const int64_t* ahead = ap + (i + kAhead) * C;
+          for (int64_t c = 0; c < C; ++c)
+            if ((uint64_t)ahead[c] < table_rows) prefetch(w + ahead[c] * Z);
         }
+        const int64_t* a = ap + i * C;
         for (int64_t c = 0; c < C; ++c) {
           const int64_t r = a[c];
-          if ((uint64_t)r >= (uint64_t)table_rows) {
+          if ((uint64_t)r >= table_rows) {
             bad.store(i);
             continue;
           }
@@ -296,10 +371,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_bag_forward_cpu(
   int64_t* ap = addr.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t* vp = v.data_ptr<int64_t>();
+  if (!given) address_kernel(bags, vp, sp, mod, inv, hot, C, ap);
   switch (tables.dtype) {
-    case at::kHalf: forward_kernel<c10::Half>(tables, bags, vp, sp, mod, inv, hot, ap, given, C, pooling, op, bad); break;
-    case at::kBFloat16: forward_kernel<c10::BFloat16>(tables, bags, vp, sp, mod, inv, hot, ap, given, C, pooling, op, bad); break;
-    default: forward_kernel<float>(tables, bags, vp, sp, mod, inv, hot, ap, given, C, pooling, op, bad); break;
+    case at::kHalf: gather_kernel<c10::Half>(tables, bags, ap, C, pooling, op, bad); break;
+    case at::kBFloat16: gather_kernel<c10::BFloat16>(tables, bags, ap, C, pooling, op, bad); break;
+    default: gather_kernel<float>(tables, bags, ap, C, pooling, op, bad); break;
   }
   const int64_t b = bad.load();
   TORCH_CHECK(b < 0, "compactrec::chunk_bag_forward: id ", b, " addresses a row outside its table");
@@ -355,48 +431,89 @@ void backward_cpu(at::TensorList weights, at::TensorList states, const at::Tenso
   const float* gp = g.data_ptr<float>();
   const int64_t* ap = addresses.data_ptr<int64_t>();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * C / 8192 + 1));
-  std::vector<Partition> part(parts);
   std::atomic<int64_t> bad{-1};
+  const float flr = (float)lr, feps = (float)eps, fwd = (float)weight_decay;
+  // visits every (id, chunk) pair of partition p (rows with row % parts == p) in pair order: fn(t, r, grad row)
+  auto for_pairs = [&](int64_t p, auto&& fn) {
+    for (int64_t k = 0; k < F * B; ++k) {
+      const int64_t lo = bags.offsets[k], hi = bags.offsets[k + 1];
+      if (lo == hi) continue;
+      const int64_t f = k / B, b = k - f * B, t = bags.table[f];
+      const float scale = pooling == 1 ? 1.0f / (float)(hi - lo) : 1.0f;
+      const float* gb = gp + b * F * dim + f * dim;
+      for (int64_t i = lo; i < hi; ++i) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t r = ap[i * C + c];
+          if ((uint64_t)r >= (uint64_t)tables.rows[t]) {
+            bad.store(i);
+            continue;
+          }
+          if (parts > 1 && r % parts != p) continue;
+          fn(t, r, gb + c * Z, scale, i * C + c);
+        }
+      }
+    }
+  };
+  if (optimizer == 1) {
+    // SGD is linear: each lookup's step applied in turn is the summed step (up to float rounding), no map needed
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t p = pb; p < pe; ++p) {
+        for_pairs(p, [&](int64_t t, int64_t r, const float* src, float scale, int64_t pair) {
+          if (pair + kAhead < n * C) {
+            const int64_t ahead = ap[pair + kAhead];
+            if ((uint64_t)ahead < (uint64_t)tables.rows[t]) prefetch_write(reinterpret_cast<float*>(tables.data[t]) + ahead * Z);
+          }
+          float* w = reinterpret_cast<float*>(tables.data[t]) + r * Z;
+          const float step = flr * scale;
+          for (int64_t j = 0; j < Z; ++j) w[j] -= step * src[j];
+        });
+      }
+    });
+    const int64_t b = bad.load();
+    TORCH_CHECK(b < 0, "compactrec::chunk_bag_backward: id ", b, " addresses a row outside its table");
+    return;
+  }
+  std::vector<Partition> part(parts);
   // 1. sum the gradient of every touched row; partition p owns the rows with row % parts == p
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       Partition& mine = part[p];
-      for (int64_t k = 0; k < F * B; ++k) {
-        const int64_t lo = bags.offsets[k], hi = bags.offsets[k + 1];
-        if (lo == hi) continue;
-        const int64_t f = k / B, b = k - f * B, t = bags.table[f];
-        const float scale = pooling == 1 ? 1.0f / (float)(hi - lo) : 1.0f;
-        const float* gb = gp + b * F * dim + f * dim;
-        for (int64_t i = lo; i < hi; ++i) {
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t r = ap[i * C + c];
-            if ((uint64_t)r >= (uint64_t)tables.rows[t]) {
-              bad.store(i);
-              continue;
-            }
-            if (parts > 1 && r % parts != p) continue;
-            int32_t slot = map[t][r];
-            if (slot < 0) {
-              slot = (int32_t)mine.table.size();
-              map[t][r] = slot;
-              mine.table.push_back(t);
-              mine.row.push_back(r);
-              mine.grad.resize(mine.grad.size() + Z, 0.0f);
-            }
-            float* dst = mine.grad.data() + (int64_t)slot * Z;
-            const float* src = gb + c * Z;
-            for (int64_t j = 0; j < Z; ++j) dst[j] += src[j] * scale;
-          }
+      mine.table.reserve(n * C / parts + 1);
+      mine.row.reserve(n * C / parts + 1);
+      mine.grad.reserve((n * C / parts + 1) * Z);
+      for_pairs(p, [&](int64_t t, int64_t r, const float* src, float scale, int64_t pair) {
+        if (pair + kAhead < n * C) {
+          const int64_t ahead = ap[pair + kAhead];
+          if ((uint64_t)ahead < (uint64_t)tables.rows[t]) prefetch(map[t] + ahead);
         }
-      }
+        int32_t slot = map[t][r];
+        if (slot < 0) {
+          slot = (int32_t)mine.table.size();
+          map[t][r] = slot;
+          mine.table.push_back(t);
+          mine.row.push_back(r);
+          mine.grad.insert(mine.grad.end(), src, src + Z);
+          float* dst = mine.grad.data() + (int64_t)slot * Z;
+          if (scale != 1.0f)
+            for (int64_t j = 0; j < Z; ++j) dst[j] *= scale;
+        } else {
+          float* dst = mine.grad.data() + (int64_t)slot * Z;
+          for (int64_t j = 0; j < Z; ++j) dst[j] += src[j] * scale;
+        }
+      });
     }
   });
   // 2. one update per touched row; the scratch map is left all -1 again
-  const float flr = (float)lr, feps = (float)eps, fwd = (float)weight_decay;
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       Partition& mine = part[p];
-      for (size_t u = 0; u < mine.row.size(); ++u) {
+      const size_t count = mine.row.size();
+      for (size_t u = 0; u < count; ++u) {
+        if (u + kAhead < count) {
+          const int64_t ta = mine.table[u + kAhead], ra = mine.row[u + kAhead];
+          prefetch_write(reinterpret_cast<float*>(tables.data[ta]) + ra * Z);
+          prefetch_write(state[ta] + (optimizer == 2 ? ra * Z : ra));
+        }
         const int64_t t = mine.table[u], r = mine.row[u];
         map[t][r] = -1;
         float* w = reinterpret_cast<float*>(tables.data[t]) + r * Z;
