@@ -238,6 +238,7 @@ class FusedUpdate:
     weight_decay: float
     states: List[torch.Tensor]
     scratch: List[torch.Tensor]
+    group: Any = None  # a process group: the tables are replicas, updated with every rank's lookups (replicate())
 
 
 def fused_update_of(weights: Sequence[torch.nn.Parameter]) -> Optional[FusedUpdate]:
@@ -276,7 +277,60 @@ def fused_update_of(weights: Sequence[torch.nn.Parameter]) -> Optional[FusedUpda
             s = torch.full((w.shape[0],), -1, dtype=torch.int32, device=w.device)
             w._compactrec_scratch = s  # type: ignore[attr-defined]
             scratch[i] = s
-    return FusedUpdate(code, lr, eps, weight_decay, states, scratch)  # type: ignore[arg-type]
+    groups = {id(getattr(w, "_compactrec_group", None)) for w in weights}
+    if len(groups) != 1:
+        raise ValueError("compactrec::chunk_bag: the tables of one module are replicated over different groups")
+    group = getattr(weights[0], "_compactrec_group", None)
+    return FusedUpdate(code, lr, eps, weight_decay, states, scratch, group)  # type: ignore[arg-type]
+
+
+def replicate(weights: Sequence[torch.nn.Parameter], group: Any) -> None:
+    """Make ``weights`` replicas over ``group`` (a ``torch.distributed`` process group, or None to undo): each
+    backward all-gathers every rank's addresses and output gradients and applies the fused update for the union of
+    the ranks' lookups, scaled by 1 / world size (the gradient of the mean of the ranks' losses, as DDP averages),
+    in rank order, so that every replica takes the same step and stays equal: one fused call per rank instead of a
+    dense all-reduce of the tables' gradient. The replicas must start equal (broadcast them first)."""
+    for w in weights:
+        w._compactrec_group = group  # type: ignore[attr-defined]
+
+
+def gather_union(group: Any, grad: torch.Tensor, addresses: torch.Tensor, lengths: torch.Tensor,
+                 num_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (output gradient, addresses, lengths) as one feature-major batch: for each feature, rank 0's
+    bags then rank 1's ...; the output gradient scaled by 1 / world size."""
+    import torch.distributed as dist  # noqa: PLC0415 - only replicated tables need it
+
+    world = dist.get_world_size(group)
+    lengths = lengths.to(torch.int64)
+    sizes = torch.tensor([addresses.shape[0], lengths.numel() // num_features], dtype=torch.int64)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    max_n = max(int(t[0]) for t in all_sizes)
+    max_b = max(int(t[1]) for t in all_sizes)
+    chunks, width = addresses.shape[1], grad.shape[1]
+
+    def gathered(local: torch.Tensor, shape: Tuple[int, ...]) -> List[torch.Tensor]:
+        padded = local.new_zeros(shape)
+        padded[: local.shape[0]] = local
+        out = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(out, padded, group=group)
+        return out
+
+    grads = gathered(grad, (max_b, width))
+    addrs = gathered(addresses, (max_n, chunks))
+    lens = gathered(lengths.view(num_features, -1).t().contiguous(), (max_b, num_features))  # batch-major to pad
+    union_grad, union_addr, union_len = [], [], []
+    per_rank = []
+    for r, t in enumerate(all_sizes):
+        n, b = int(t[0]), int(t[1])
+        rank_lengths = lens[r][:b].t()  # [F, b]
+        per_rank.append((addrs[r][:n].split(rank_lengths.sum(1).tolist()), rank_lengths))
+        union_grad.append(grads[r][:b])
+    for f in range(num_features):
+        for parts, rank_lengths in per_rank:
+            union_addr.append(parts[f])
+            union_len.append(rank_lengths[f])
+    return (torch.cat(union_grad) / world, torch.cat(union_addr).contiguous(), torch.cat(union_len))
 
 
 class _ChunkBag(torch.autograd.Function):
@@ -296,6 +350,8 @@ class _ChunkBag(torch.autograd.Function):
         grad = grad.contiguous().float()
         tables = [w.detach() for w in ctx.weights]
         if update is not None:
+            if update.group is not None:
+                grad, addr, lengths = gather_union(update.group, grad, addr, lengths, args.table_of_feature.numel())
             torch.ops.compactrec.chunk_bag_backward(
                 tables, update.states, grad, addr, lengths, args.table_of_feature, args.num_chunks, args.pooling,
                 update.optimizer, update.lr, update.eps, update.weight_decay, update.scratch)
@@ -325,5 +381,5 @@ def available() -> bool:
     return ensure_ops()
 
 
-__all__ = ["BagArgs", "FusedUpdate", "OPTIMIZERS", "available", "ensure_ops", "forward", "fused_update_of", "lookup",
-           "torch_addresses"]
+__all__ = ["BagArgs", "FusedUpdate", "OPTIMIZERS", "available", "ensure_ops", "forward", "fused_update_of",
+           "gather_union", "lookup", "replicate", "torch_addresses"]

@@ -108,3 +108,35 @@ def test_fused_update_equals_sharded_tbe_after_20_steps(method: str, options: Di
         for optimizer in OPTIMIZERS:
             assert result[optimizer]["moved"] > 1e-3, "training changed nothing: the parity would be vacuous"
             assert set(result[optimizer]["plan"].values()) == {"row_wise"}
+
+
+def _replica_body(rank: int, world: int, method: str, options: Dict[str, Any], counts: Any,
+                  optimizer: str) -> Dict[str, Any]:
+    cls, kwargs = OPTIMIZERS[optimizer]
+    replica = base.build_model(method, options, seed=0, counts=counts)[0].sparse
+    reference = base.build_model(method, options, seed=0, counts=counts)[0].sparse
+    for module in (replica, reference):
+        apply_optimizer_in_backward(cls, list(module.parameters()), dict(kwargs))
+    chunk_bag.replicate(list(replica.parameters()), dist.GroupMember.WORLD)
+    for step in range(STEPS):
+        batches = [base.make_batch(step % 7, r) for r in range(world)]
+        targets = [torch.randn(base.BATCH, len(base.FEATURES) * base.DIM, generator=torch.Generator().manual_seed(
+            100 * step + r)) for r in range(world)]
+        ((replica(batches[rank].sparse_features).values() - targets[rank]) ** 2).mean().backward()
+        ((reference(_union(batches).sparse_features).values() - torch.cat(targets)) ** 2).mean().backward()
+    return {"replica": {k: v.clone() for k, v in replica.state_dict().items()},
+            "reference": {k: v.clone() for k, v in reference.state_dict().items()},
+            "initial": base.build_model(method, options, seed=0, counts=counts)[0].sparse.state_dict()}
+
+
+@pytest.mark.skipif(not chunk_bag.available(), reason="the C++ library did not build here")
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_replicated_tables_take_the_union_step_and_stay_equal(optimizer: str) -> None:
+    """Replicas (``chunk_bag.replicate``) on 2 gloo ranks, each on its own batch: after 20 steps every replica equals
+    the other and the single module trained on the union of the batches (the mean of the ranks' losses)."""
+    options = {"chunk_size": 4, "seed": 3, "budget": 0.5, "hot_share": 0.4, "hot_min_count": 2}
+    results = run_multiprocess(_replica_body, world_size=base.WORLD, args=("robe", options, _counts(), optimizer))
+    for name, value in results[0]["replica"].items():
+        torch.testing.assert_close(results[1]["replica"][name], value, rtol=0, atol=0, msg=name)  # bitwise equal
+        torch.testing.assert_close(value, results[0]["reference"][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert float((value - results[0]["initial"][name]).abs().max()) > 1e-3
