@@ -280,14 +280,17 @@ void address_kernel(const Bags& bags, const int64_t* vp, const int64_t* sp, cons
   });
 }
 
-// Phase 2: gather and pool, bag by bag; the rows of the id kAhead ahead (in the same feature) are prefetched.
+// Phase 2: gather and pool, sample by sample (the output is written in order, not one feature's column at a time:
+// 1.5x faster at dim 128, B = 8192, where the fresh output's page faults dominate); the rows of the id kAhead ahead
+// in the same feature are prefetched.
 template <typename T>
 void gather_kernel(const Tables& tables, const Bags& bags, const int64_t* ap, int64_t C, int64_t pooling, float* op,
                    std::atomic<int64_t>& bad) {
   const int64_t F = bags.num_features, B = bags.batch, Z = tables.width, dim = C * Z;
   at::parallel_for(0, F * B, 512, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(dim);
-    for (int64_t k = begin; k < end; ++k) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t k = (q % F) * B + q / F;  // sample-major: the output is written in order
       const int64_t f = k / B, b = k - f * B;
       const int64_t t = bags.table[f];
       const T* w = reinterpret_cast<const T*>(tables.data[t]);
@@ -433,9 +436,10 @@ void backward_cpu(at::TensorList weights, at::TensorList states, const at::Tenso
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * C / 8192 + 1));
   std::atomic<int64_t> bad{-1};
   const float flr = (float)lr, feps = (float)eps, fwd = (float)weight_decay;
-  // visits every (id, chunk) pair of partition p (rows with row % parts == p) in pair order: fn(t, r, grad row)
+  // visits every (id, chunk) pair of partition p (rows with row % parts == p), sample by sample: fn(t, r, grad row)
   auto for_pairs = [&](int64_t p, auto&& fn) {
-    for (int64_t k = 0; k < F * B; ++k) {
+    for (int64_t q = 0; q < F * B; ++q) {
+      const int64_t k = (q % F) * B + q / F;  // sample-major: the output gradient is read in order
       const int64_t lo = bags.offsets[k], hi = bags.offsets[k + 1];
       if (lo == hi) continue;
       const int64_t f = k / B, b = k - f * B, t = bags.table[f];
