@@ -1,5 +1,8 @@
 """``compactrec score ARTIFACT --data DIR``: an inference artifact over a split of any format the trainer reads.
 
+ARTIFACT is an eager artifact (``trainer.serve.artifact.load``) or a ``--format pt2`` torch.export program
+(``trainer.serve.pt2.load_program``, recognised by its archive); both carry the config the defaults come from.
+
 The data section of the artifact's own config is the starting point (so the defaults are the data the model
 was trained on); ``--data``, ``--format`` and ``data.*=value`` overrides replace parts of it, checked as strictly
 as a training config. ``--split`` is ``val`` or ``test`` (the halves of ``data.eval_day``) or ``day`` (all of
@@ -16,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -25,12 +28,16 @@ from trainer.data import loader
 from trainer.data.data_config import DataConfig
 from trainer.train.evaluate import Evaluator
 from trainer.serve.artifact import InferenceModel, load
+from trainer.serve.pt2 import ProgramModel, is_program, load_program
 from trainer.strict import ConfigError, from_dict, to_dict
 
 logger = logging.getLogger(__name__)
 
 
-def data_config(model: InferenceModel, path: Optional[str], fmt: Optional[str], batch_size: Optional[int],
+Scorable = Union[InferenceModel, ProgramModel]  # an eager artifact or a torch.export program, same interface
+
+
+def data_config(model: Scorable, path: Optional[str], fmt: Optional[str], batch_size: Optional[int],
                 overrides: List[str], source: str) -> DataConfig:
     """The artifact's data section with ``path``/``format``/``eval_batch_size`` and ``data.*`` overrides."""
     from trainer.config import parse_override
@@ -59,7 +66,7 @@ def data_config(model: InferenceModel, path: Optional[str], fmt: Optional[str], 
 SCORE_SPLITS = ("val", "test", "day")
 
 
-def score(model: InferenceModel, cfg: DataConfig, split: str = "val", progress: Optional[bool] = None,
+def score(model: Scorable, cfg: DataConfig, split: str = "val", progress: Optional[bool] = None,
           predictions: Optional[Path] = None) -> Dict[str, Any]:
     """Score ``split`` of ``cfg`` with ``model`` (one process); metrics and throughput."""
     from tqdm import tqdm
@@ -129,7 +136,7 @@ def run_score(artifact: str, data: Optional[str], fmt: Optional[str], split: str
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    model = load(artifact)
+    model: Scorable = load_program(artifact) if is_program(artifact) else load(artifact)
     cfg = data_config(model, data, fmt, batch_size, overrides, source=f"score {artifact}")
     result = score(model, cfg, split, progress, Path(predictions) if predictions else None)
     result["data"] = to_dict(cfg)
