@@ -140,7 +140,7 @@ def export_program(model: InferenceModel, out: Union[str, Path]) -> Dict[str, An
                              f"({type(exc).__name__}: {str(exc).strip()[:500]})") from exc
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save wants a name ending in .pt2
     torch.export.save(exported, tmp, extra_files={METADATA_FILE: json.dumps(_metadata(model), default=str)})
     tmp.replace(out)
     logger.info("exported the %s model (%s tables) as a torch.export program to %s", meta["embeddings"],
