@@ -60,7 +60,7 @@ print("MODULES " + " ".join(loaded))
 """
 
 
-def _in_fresh_process(cases: Dict[str, Tuple[str, List[Tuple[torch.Tensor, ...]]]], tmp: Path) -> Tuple[Dict[str, Any], List[str]]:
+def _in_fresh_process(cases: Dict[str, Tuple[str, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]], tmp: Path) -> Tuple[Dict[str, Any], List[str]]:
     torch.save(cases, tmp / "cases.pt")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", FRESH, str(tmp / "cases.pt"), str(tmp / "out.pt")], cwd=tmp,
@@ -97,7 +97,7 @@ def _artifacts(name: str, tiny_dataset: Path, tmp: Path) -> Dict[str, Path]:
 def test_every_method_and_precision_exports_and_scores_like_the_eager_artifact(name: str, tiny_dataset: Path,
                                                                                tmp_path: Path) -> None:
     artifacts = _artifacts(name, tiny_dataset, tmp_path)
-    cases: Dict[str, Tuple[str, List[Tuple[torch.Tensor, ...]]]] = {}
+    cases: Dict[str, Tuple[str, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {}
     want: Dict[str, List[torch.Tensor]] = {}
     for precision, artifact in artifacts.items():
         program = tmp_path / f"{precision}.pt2"
