@@ -6,6 +6,7 @@ error naming the method and the precision."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,49 @@ def test_load_program_refuses_other_files(tmp_path: Path) -> None:
     torch.export.save(torch.export.export(Plain(), (torch.ones(2),)), bare)
     with pytest.raises(ArtifactError, match="without CompactRec metadata"):
         pt2.load_program(bare)
+
+
+class _MakesDirectory:
+    """Unpickling it creates a directory: what a crafted archive could do to ``torch.export.load``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (str(self.target),))
+
+
+def _rewritten(source: Path, out: Path, name_part: str, data: bytes) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.namelist():
+            dst.writestr(item, data if name_part in item else src.read(item))
+    return out
+
+
+def test_a_program_whose_loading_would_unpickle_objects_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    import io
+
+    class Plain(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale  # type: ignore[operator]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(2))
+
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(Plain(), (torch.ones(2),)), good)
+    pt2.check_archive(good)  # raw tensors only
+    target = tmp_path / "created"
+    buffer = io.BytesIO()
+    torch.save(_MakesDirectory(target), buffer)
+    crafted = _rewritten(good, tmp_path / "crafted.pt2", "/data/sample_inputs/", buffer.getvalue())
+    with pytest.raises(ArtifactError, match="crafted.pt2: refused: the program's sample inputs .* nothing in the file"):
+        pt2.load_program(crafted)
+    assert not target.exists()
+    config = {"config": {"scale": {"path_name": "weight_0", "is_param": True, "use_pickle": True}}}
+    pickled = _rewritten(good, tmp_path / "pickled.pt2", "model_weights_config.json", json.dumps(config).encode())
+    with pytest.raises(ArtifactError, match="refused: the program's entry 'scale' .weight_0. would be unpickled"):
+        pt2.load_program(pickled)

@@ -14,7 +14,9 @@ eager artifact) writes, with ``torch.export.save``, a program whose inputs are p
 ``torch.export.load`` in a process that has torch, fbgemm_gpu and torchrec imported and CompactRec's operators
 registered (``embeddings.ops.salted_hash.ensure_op()``, ``embeddings.ops.chunk_bag.ensure_ops()``), with no
 config file and no other CompactRec module; :func:`load_program` does that and returns a callable
-``(dense, KJT of raw ids by feature name) -> logits`` like the eager model.
+``(dense, KJT of raw ids by feature name) -> logits`` like the eager model. ``torch.export.load`` can unpickle
+parts of an archive (weights or constants saved with pickle, custom objects, sample inputs): load programs you
+trust; :func:`load_program` first refuses an archive with any such part (:func:`check_archive`).
 
 The program builds the KeyedJaggedTensor inside and runs the eager artifact's model (the method's id maths, the
 quantized EBC on fbgemm's inference TBE, the MLPs). It appends one padding sample (id 0 in every feature) before
@@ -195,12 +197,45 @@ def is_program(path: Union[str, Path]) -> bool:
         return False
 
 
+def check_archive(path: Path) -> None:
+    """Refuse a program whose loading would unpickle anything beyond plain tensors: ``torch.export.load`` reads
+    weights and constants marked ``use_pickle`` (and custom / opaque objects) with an unrestricted unpickler and
+    falls back to one for sample inputs that ``weights_only`` refuses. The programs written here hold raw tensor
+    bytes only; this checks so, without running anything from the file."""
+    import io
+    import zipfile
+
+    def refuse(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: refused: the program's {what} would be unpickled by torch.export.load "
+                             "(which can run code from the file); programs written by `compactrec export --format "
+                             "pt2` hold raw tensors only, nothing in the file was run")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("_config.json") and ("/data/weights/" in name or "/data/constants/" in name):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for fqn, entry in config.items():
+                        kind = str(entry.get("path_name", ""))
+                        if entry.get("use_pickle") or not kind.startswith(("weight_", "tensor_")):
+                            raise refuse(f"entry {fqn!r} ({kind})")
+                elif "/data/sample_inputs/" in name:
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except Exception as exc:  # weights_only refuses a pickled object: the fallback would run it
+                        raise refuse(f"sample inputs {name!r}") from exc
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: not a readable torch.export program ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:300]})") from exc
+
+
 def load_program(path: Union[str, Path]) -> ProgramModel:
     """The program at ``path`` (``export_program``) as a :class:`ProgramModel`; CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"program {str(path)!r} does not exist; write one with "
                                 "`compactrec export CONFIG --format pt2 --out model.pt2`")
+    check_archive(path)
     register_ops()
     extra = {METADATA_FILE: ""}
     try:
@@ -218,5 +253,5 @@ def load_program(path: Union[str, Path]) -> ProgramModel:
     return ProgramModel(program, metadata)
 
 
-__all__ = ["FORMAT", "ProgramModel", "ScoringProgram", "UNSUPPORTED", "check_exportable", "example_inputs",
+__all__ = ["FORMAT", "ProgramModel", "ScoringProgram", "UNSUPPORTED", "check_archive", "check_exportable", "example_inputs",
            "export_checkpoint_program", "export_program", "is_program", "load_program", "program_inputs", "register_ops"]
