@@ -147,22 +147,20 @@ class HashLayout(RemapLayout):
         features = self.select_features(features)
         values = features.values().to(torch.int64)
         feature_of_value, _ = feature_of_values(features.lengths(), len(self.feature_names), values.numel())
-        if self.options.hash == "identity":
-            mapped = torch.remainder(values, buffers["hash_rows"][feature_of_value])
-        else:
-            mapped = salted_hash(values, feature_of_value, buffers["hash_salts"], rows=buffers["hash_rows"],
-                                 wrap=buffers["hash_wrap"], backend=self.options.hash_backend)
-        if self.hot.total:  # hot value i of feature f: row rows_f + i
-            hit, index = self.hot.lookup(values, feature_of_value, buffers)
-            mapped = torch.where(hit, buffers["hash_rows"][feature_of_value] + index, mapped)
+        mapped = self.fused_addresses(values, feature_of_value, buffers)[:, 0]
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=mapped, lengths=features.lengths(),
                                 stride=features.stride())
         return kjt, None
 
     def fused_addresses(self, values: torch.Tensor, feature_of_value: torch.Tensor,
                         buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``hash: identity``'s rows (``x mod rows_f``, hot values' own rows over them), [n, 1]."""
-        mapped = torch.remainder(values, buffers["hash_rows"][feature_of_value])
+        """Every id's row, [n, 1]: hashed (or ``x mod rows_f`` for ``hash: identity``), hot values' own rows over
+        them (hot value i of feature f: row rows_f + i)."""
+        if self.options.hash == "identity":
+            mapped = torch.remainder(values, buffers["hash_rows"][feature_of_value])
+        else:
+            mapped = salted_hash(values, feature_of_value, buffers["hash_salts"], rows=buffers["hash_rows"],
+                                 wrap=buffers["hash_wrap"], backend=self.options.hash_backend)
         if self.hot.total:
             hit, index = self.hot.lookup(values, feature_of_value, buffers)
             mapped = torch.where(hit, buffers["hash_rows"][feature_of_value] + index, mapped)

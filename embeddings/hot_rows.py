@@ -90,13 +90,18 @@ def slot_capacity(num_keys: int) -> int:
 
 
 def build_slots(keys: np.ndarray) -> np.ndarray:
-    """The open-addressing table of ``keys`` (distinct int64): ``slots[s]`` is a key's position or -1, each key
-    in the first free slot from ``unsigned(mix64(key)) mod capacity`` on, keys inserted in order. The C++
-    operator ``compactrec::hot_slots`` builds the same table; this is its reference."""
-    capacity = slot_capacity(int(keys.size))
+    """The open-addressing table of ``keys``: the C++ operator ``compactrec::hot_slots`` where it runs, else
+    :func:`reference_slots` (the same table)."""
     if library.ensure_library():
         return torch.ops.compactrec.hot_slots(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)),
-                                              capacity).numpy()
+                                              slot_capacity(int(keys.size))).numpy()
+    return reference_slots(keys)
+
+
+def reference_slots(keys: np.ndarray) -> np.ndarray:
+    """The open-addressing table of ``keys`` (distinct int64): ``slots[s]`` is a key's position or -1, each key
+    in the first free slot from ``unsigned(mix64(key)) mod capacity`` on, keys inserted in order."""
+    capacity = slot_capacity(int(keys.size))
     home = unsigned_mod(mix64(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))), capacity).numpy()
     slots = np.full(capacity, -1, dtype=np.int32)
     for i, s in enumerate(home.tolist()):
@@ -235,4 +240,4 @@ def hot_bytes(hot: HotSet) -> int:
                for shape, dtype in lookup.buffer_specs().values())
 
 
-__all__: Sequence[str] = ["HotLookup", "HotSet", "MODES", "build_slots", "find_hot", "hot_bytes", "slot_capacity"]
+__all__: Sequence[str] = ["HotLookup", "HotSet", "MODES", "build_slots", "find_hot", "reference_slots", "hot_bytes", "slot_capacity"]

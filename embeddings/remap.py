@@ -229,27 +229,30 @@ class RemappedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def uses_fused_kernel(self, device: torch.device) -> bool:
         """Whether ``forward`` runs the fused operator (``kernel: auto``, CPU, the C++ library built, a fused plan)."""
+        return self._fused_plan(device) is not None
+
+    def _fused_plan(self, device: torch.device) -> Optional[Tuple[chunk_bag.BagArgs, List[str], bool]]:
         options = getattr(self.layout, "options", None)
         if getattr(options, "kernel", "tbe") != "auto" or device.type != "cpu" or not chunk_bag.available():
-            return False
+            return None
         if type(self.ebc) is not EmbeddingBagCollection:  # a quantized inner EBC (inference) runs fbgemm's kernel
-            return False
-        return self.layout.fused_plan(self.layout_buffers()) is not None
+            return None
+        return self.layout.fused_plan(self.layout_buffers())
 
     def fused_weights(self, names: Sequence[str]) -> List[torch.Tensor]:
         return [self.ebc.embedding_bags[name].weight for name in names]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if self.uses_fused_kernel(features.values().device):
-            return self._fused_forward(features)
+        plan = self._fused_plan(features.values().device)
+        if plan is not None:
+            return self._fused_forward(features, plan)
         with torch.no_grad():
             kjt, aux = self.layout.expand(features, self.layout_buffers())
         return self.layout.finish(self.ebc(kjt), aux)
 
-    def _fused_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def _fused_forward(self, features: KeyedJaggedTensor,
+                       plan: Tuple[chunk_bag.BagArgs, List[str], bool]) -> KeyedTensor:
         layout, buffers = self.layout, self.layout_buffers()
-        plan = layout.fused_plan(buffers)
-        assert plan is not None
         args, names, computes_addresses = plan
         features = layout.select_features(features)
         values, lengths = features.values().to(torch.int64), features.lengths()

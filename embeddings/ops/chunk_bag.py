@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from embeddings.hot_rows import find_hot
+from embeddings.hot_rows import find_hot, reference_slots, slot_capacity
 from embeddings.ops import library
 from embeddings.ops import salted_hash as fused_hash
 
@@ -148,16 +148,9 @@ def _torch_backward(weights: List[torch.Tensor], states: List[torch.Tensor], gra
 
 
 def _torch_hot_slots(keys: torch.Tensor, capacity: int) -> torch.Tensor:
-    from embeddings.hot_rows import build_slots  # noqa: PLC0415 - the numpy build; hot_rows imports this module's library
-
-    return torch.from_numpy(_python_slots(keys.cpu().numpy(), capacity, build_slots)).to(keys.device)
-
-
-def _python_slots(keys: Any, capacity: int, build: Any) -> Any:
-    slots = build(keys)
-    if slots.size != capacity:
-        raise ValueError(f"compactrec::hot_slots: capacity {capacity} is not slot_capacity({keys.size})")
-    return slots
+    if capacity != slot_capacity(keys.numel()):
+        raise ValueError(f"compactrec::hot_slots: capacity {capacity} is not slot_capacity({keys.numel()})")
+    return torch.from_numpy(reference_slots(keys.cpu().numpy())).to(keys.device)
 
 
 # ---- fake kernels (torch.export, meta) --------------------------------------------------------------------

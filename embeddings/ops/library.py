@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "compactrec"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "salted_hash.cpp", CSRC / "chunk_bag.cpp"]
+HEADERS = [CSRC / "id_maths.h"]
 _CFLAGS = ["-O3"]
 SCHEMAS: Dict[str, str] = {
     "salted_hash": "salted_hash(Tensor values, Tensor? feature, Tensor salts, Tensor? mods=None) -> Tensor",
@@ -58,7 +59,7 @@ def _build() -> None:
     """Compile (or reuse the cached build of) the extension and load it; raises when it cannot."""
     from torch.utils import cpp_extension
 
-    text = "\n".join(p.read_text() for p in SOURCES)
+    text = "\n".join(p.read_text() for p in SOURCES + HEADERS)  # a header change rebuilds too
     tag = hashlib.sha256("\n".join([text, " ".join(_CFLAGS), torch.__version__]).encode()).hexdigest()[:12]
     directory = cache_dir() / f"ops_{tag}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def _build() -> None:
 
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved_path])
     try:
-        cpp_extension.load(name=f"compactrec_ops_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=_CFLAGS,
+        cpp_extension.load(name=f"compactrec_ops_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_include_paths=[str(CSRC)],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     finally:
         os.environ["PATH"] = saved_path

@@ -20,7 +20,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from embeddings.hashing import hash_salt
-from embeddings.hot_rows import HotLookup, HotSet, build_slots, slot_capacity
+from embeddings.hot_rows import HotLookup, HotSet, build_slots, reference_slots, slot_capacity
 from embeddings.ops import chunk_bag, library
 from tests.sharding.test_baselines_sharded import build_model, make_batch
 from tests.sharding.test_hot_rows_sharded import _counts
@@ -140,11 +140,11 @@ def test_fused_backward_equals_the_torch_reference(optimizer: int, weight_decay:
 
 def test_slot_table_finds_every_key_and_matches_the_python_build() -> None:
     keys = np.sort(np.random.default_rng(0).choice(2 ** 40, 5000, replace=False)).astype(np.int64)
-    slots = build_slots(keys)
+    slots = reference_slots(keys)
     assert slots.size == slot_capacity(keys.size) and sorted(slots[slots >= 0].tolist()) == list(range(keys.size))
     if chunk_bag.available():  # the C++ build (used when it runs) is the same table
-        capacity = slot_capacity(keys.size)
-        assert np.array_equal(chunk_bag._torch_hot_slots(torch.from_numpy(keys), capacity).numpy(), slots)
+        native = torch.ops.compactrec.hot_slots(torch.from_numpy(keys), slot_capacity(keys.size)).numpy()
+        assert np.array_equal(native, slots) and np.array_equal(build_slots(keys), slots)
 
 
 def _module_pair(method: str, options: Dict[str, Any]) -> Tuple[Any, Any]:

@@ -80,8 +80,14 @@ def build_model(method: str, options: Dict[str, Any], seed: int, device: str = "
 
 
 def _shard(model: _Model, method: str, opts: Any, optimizer: str) -> Tuple[DistributedModelParallel, Any]:
-    spec = registry.get(method)
     cls, kwargs = OPTIMIZERS[optimizer]
+    return shard_with(model, method, opts, cls, kwargs, cls)
+
+
+def shard_with(model: nn.Module, method: str, opts: Any, cls: type, kwargs: Dict[str, float],
+               dense_cls: type) -> Tuple[DistributedModelParallel, Any]:
+    """The model on 2 ranks with ``cls`` fused into its tables and ``dense_cls`` over everything else."""
+    spec = registry.get(method)
     apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
     sharders = sharders_for(model)
     constraints = spec.default_constraints(model.sparse, opts, TopologyInfo(WORLD, WORLD, "cpu"))
@@ -91,7 +97,7 @@ def _shard(model: _Model, method: str, opts: Any, optimizer: str) -> Tuple[Distr
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan,
                                    sharders=sharders, device=torch.device("cpu"))
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    optim = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense, lambda p: cls(p, **kwargs))])
+    optim = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, **kwargs))])
     return dmp, optim
 
 

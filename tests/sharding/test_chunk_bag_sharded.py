@@ -7,25 +7,17 @@ before one backward updates twice); the reference therefore looks up the union o
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import pytest
 import torch
 import torch.distributed as dist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.types import ShardingEnv
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings import registry
 from embeddings.ops import chunk_bag
-from embeddings.types import TopologyInfo
-from sharding.sharders import sharders_for
 from tests.dist_utils import run_multiprocess
 from tests.sharding import test_baselines_sharded as base
 from tests.sharding.test_hot_rows_sharded import _counts
@@ -35,23 +27,6 @@ STEPS = 20
 OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 0.5}),
               "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-8}),
               "rowwise_adagrad": (RowWiseAdagrad, {"lr": 0.1, "eps": 1e-8})}
-
-
-def _shard(model: Any, method: str, opts: Any, cls: type, kwargs: Dict[str, float],
-           dense_cls: type) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
-    """``test_baselines_sharded._shard`` with the optimizer given (the dense part on ``dense_cls``)."""
-    apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
-    sharders = sharders_for(model)
-    constraints = registry.get(method).default_constraints(model.sparse, opts, TopologyInfo(base.WORLD, base.WORLD, "cpu"))
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=base.WORLD, compute_device="cpu", local_world_size=base.WORLD),
-        constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan,
-                                   sharders=sharders, device=torch.device("cpu"))
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    optim = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, **kwargs))])
-    return dmp, optim
 
 
 def _union(batches: List[Batch]) -> Batch:
@@ -76,7 +51,7 @@ def _body(rank: int, world: int, method: str, options: Dict[str, Any], counts: A
         dense_cls = torch.optim.Adagrad if cls is RowWiseAdagrad else cls  # row-wise needs 2-D parameters
         dense_ref = dense_cls([p for n, p in reference.named_parameters() if not n.startswith("sparse.")],
                               **kwargs)
-        dmp, optim = _shard(model, method, opts, cls, kwargs, dense_cls)
+        dmp, optim = base.shard_with(model, method, opts, cls, kwargs, dense_cls)
         base._copy_into_shards(dmp, reference)
         for step in range(STEPS):
             optim.zero_grad()

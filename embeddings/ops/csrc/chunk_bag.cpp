@@ -23,6 +23,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "id_maths.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -33,20 +35,8 @@
 
 namespace {
 
-inline uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-inline uint64_t umod(uint64_t x, uint64_t n, uint64_t inv) {
-  uint64_t q = (uint64_t)(((unsigned __int128)x * inv) >> 64);
-  uint64_t r = x - q * n;
-  r -= (r >= n) ? n : 0;
-  r -= (r >= n) ? n : 0;
-  return r;
-}
+using compactrec::mix64;
+using compactrec::umod;
 
 constexpr int64_t kMaxModulus = int64_t(1) << 62;
 

@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "id_maths.h"
+
 #include <atomic>
 #include <cstdint>
 #include <optional>
@@ -20,22 +22,8 @@
 
 namespace {
 
-inline uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// x mod n for n >= 1: q = mulhi(x, floor((2^64 - 1) / n)) underestimates floor(x / n) by at most 2, so
-// r = x - q n is in [0, 3n); two branch-free corrections (a branch would be unpredictable).
-inline uint64_t umod(uint64_t x, uint64_t n, uint64_t inv) {
-  uint64_t q = (uint64_t)(((unsigned __int128)x * inv) >> 64);
-  uint64_t r = x - q * n;
-  r -= (r >= n) ? n : 0;
-  r -= (r >= n) ? n : 0;
-  return r;
-}
+using compactrec::mix64;
+using compactrec::umod;
 
 constexpr int64_t kGrain = 1 << 14;  // ids per task: below this a thread hand-off costs more than it saves
 constexpr int64_t kMaxModulus = int64_t(1) << 62;
