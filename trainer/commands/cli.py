@@ -71,15 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("config")
     ex.add_argument("overrides", nargs="*")
     ex.add_argument("--out", required=True, help="output file (e.g. model.pt, or model.pt2 with --format pt2)")
-    ex.add_argument("--format", dest="form", default="eager", choices=("eager", "pt2"),
+    ex.add_argument("--format", dest="form", default="eager", choices=("eager", "pt2", "aoti"),
                     help="eager: the data-only artifact trainer.serve.artifact.load rebuilds (default); pt2: a "
-                         "torch.export program (dense, ids, lengths) -> logits, for torch.export.load")
+                         "torch.export program (dense, ids, lengths) -> logits, for torch.export.load; aoti: that "
+                         "program compiled with AOTInductor (a .pt2 package for Python or C++)")
     ex.add_argument("--precision", default="fp32", help="embedding table precision: fp32, fp16, int8 or int4")
     ex.add_argument("--checkpoint", default=None,
                     help="checkpoint directory (default: the newest complete one in training.run_dir)")
 
     sc = sub.add_parser("score", help="score a split with an inference artifact: AUC, logloss, samples/s")
-    sc.add_argument("artifact", help="file written by `compactrec export` (eager artifact or --format pt2 program)")
+    sc.add_argument("artifact", help="file written by `compactrec export` (eager artifact, --format pt2 program or aoti package)")
     sc.add_argument("overrides", nargs="*", help="data.key=value overrides of the artifact's data section")
     sc.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
     sc.add_argument("--format", default=None, choices=("tsv", "npy", "npz"), help="data format (default: the artifact's)")
@@ -191,13 +192,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from trainer.config import load_config
     from trainer.serve.export import export_checkpoint
+    from trainer.serve.aoti import export_checkpoint_package
     from trainer.serve.pt2 import export_checkpoint_program
 
-    write = export_checkpoint_program if args.form == "pt2" else export_checkpoint
+    write = {"pt2": export_checkpoint_program, "aoti": export_checkpoint_package}.get(args.form, export_checkpoint)
     done = write(load_config(args.config, args.overrides), Path(args.out),
                  Path(args.checkpoint) if args.checkpoint else None, precision=args.precision)
     if args.form == "pt2":
         print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']} as a torch.export program: "
+              f"{done['precision']} tables, file {done['file_bytes'] / 2**20:.2f} MiB")
+        return 0
+    if args.form == "aoti":
+        print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']} as an AOTInductor package: "
               f"{done['precision']} tables, file {done['file_bytes'] / 2**20:.2f} MiB")
         return 0
     print(f"exported {done['checkpoint']} (step {done['step']}) to {done['path']}: {done['precision']} tables "

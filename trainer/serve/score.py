@@ -1,7 +1,9 @@
 """``compactrec score ARTIFACT --data DIR``: an inference artifact over a split of any format the trainer reads.
 
-ARTIFACT is an eager artifact (``trainer.serve.artifact.load``) or a ``--format pt2`` torch.export program
-(``trainer.serve.pt2.load_program``, recognised by its archive); both carry the config the defaults come from.
+ARTIFACT is an eager artifact (``trainer.serve.artifact.load``), a ``--format pt2`` torch.export program
+(``trainer.serve.pt2.load_program``, recognised by its archive) or a ``--format aoti`` AOTInductor package
+(``trainer.serve.aoti.load_package``, recognised first: it is a torch.export-style archive too); each carries the
+config the defaults come from.
 
 The data section of the artifact's own config is the starting point (so the defaults are the data the model
 was trained on); ``--data``, ``--format`` and ``data.*=value`` overrides replace parts of it, checked as strictly
@@ -27,6 +29,7 @@ import torch
 from trainer.data import loader
 from trainer.data.data_config import DataConfig
 from trainer.train.evaluate import Evaluator
+from trainer.serve.aoti import PackageModel, is_package, load_package
 from trainer.serve.artifact import InferenceModel, load
 from trainer.serve.pt2 import ProgramModel, is_program, load_program
 from trainer.strict import ConfigError, from_dict, to_dict
@@ -34,7 +37,7 @@ from trainer.strict import ConfigError, from_dict, to_dict
 logger = logging.getLogger(__name__)
 
 
-Scorable = Union[InferenceModel, ProgramModel]  # an eager artifact or a torch.export program, same interface
+Scorable = Union[InferenceModel, ProgramModel, PackageModel]  # eager artifact, pt2 program, aoti package: one interface
 
 
 def data_config(model: Scorable, path: Optional[str], fmt: Optional[str], batch_size: Optional[int],
@@ -136,7 +139,8 @@ def run_score(artifact: str, data: Optional[str], fmt: Optional[str], split: str
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    model: Scorable = load_program(artifact) if is_program(artifact) else load(artifact)
+    model: Scorable = (load_package(artifact) if is_package(artifact) else
+                       load_program(artifact) if is_program(artifact) else load(artifact))
     cfg = data_config(model, data, fmt, batch_size, overrides, source=f"score {artifact}")
     result = score(model, cfg, split, progress, Path(predictions) if predictions else None)
     result["data"] = to_dict(cfg)
