@@ -207,3 +207,13 @@ def test_load_package_refuses_other_files(tmp_path: Path, packages: Packages) ->
                 dst.writestr(item, src.read(item))
     with pytest.raises(ArtifactError, match="without CompactRec metadata"):
         aoti.load_package(stripped)
+
+
+def test_a_pt2_program_with_fbgemms_bounds_check_is_refused_before_compiling(packages: Packages,
+                                                                             tmp_path: Path) -> None:
+    program = tmp_path / "full.pt2"
+    pt2.export_program(load(packages.artifact("full", "fp32")), program)
+    pt2.register_ops()
+    with pytest.raises(ValueError, match="calls fbgemm::bounds_check_indices, which AOTInductor does not compile"):
+        aoti.compile_package(torch.export.load(program), tmp_path / "package.pt2")
+    assert not (tmp_path / "package.pt2").exists()
