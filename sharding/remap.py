@@ -16,6 +16,7 @@ on every rank and counted by the method's memory report. Nothing here is device 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Type
@@ -29,12 +30,15 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardingEnv, ShardingType
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embeddings.remap import Aux, RemappedEmbeddingBagCollection
 from sharding.ebc import InnerEBCSharder
+from sharding.fused import ReplicatedFusedEmbeddingBagCollection, replicated_fused_reason
+
+logger = logging.getLogger(__name__)
 
 INNER_EBC = "ebc"
 
@@ -141,6 +145,19 @@ class RemappedEmbeddingBagCollectionSharder(InnerEBCSharder[RemappedEmbeddingBag
 
     def shardable_parameters(self, module: RemappedEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return dict(self._ebc_sharder.shardable_parameters(module.ebc))
+
+    def shard(self, module: RemappedEmbeddingBagCollection, params: Dict[str, ParameterSharding], env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> nn.Module:
+        """:class:`sharding.fused.ReplicatedFusedEmbeddingBagCollection` where the plan replicates every table
+        and the fused operator runs the module; else TorchRec's sharded inner EBC behind the id map."""
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        reason = replicated_fused_reason(module, params, device)
+        if reason is None and env.process_group is not None:
+            return ReplicatedFusedEmbeddingBagCollection(module, env, device)
+        if all(p.sharding_type == ShardingType.DATA_PARALLEL.value for p in params.values()):
+            logger.info("%s: replicated tables on TorchRec's data-parallel EBC: %s", module.layout.method, reason)
+        return super().shard(module, params, env, device, module_fqn)
 
     @property
     def module_type(self) -> Type[RemappedEmbeddingBagCollection]:

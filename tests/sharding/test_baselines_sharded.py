@@ -9,6 +9,7 @@ mean of the per-rank losses on the union of the ranks' batches. ``parity_body`` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -85,12 +86,16 @@ def _shard(model: _Model, method: str, opts: Any, optimizer: str) -> Tuple[Distr
 
 
 def shard_with(model: nn.Module, method: str, opts: Any, cls: type, kwargs: Dict[str, float],
-               dense_cls: type) -> Tuple[DistributedModelParallel, Any]:
-    """The model on 2 ranks with ``cls`` fused into its tables and ``dense_cls`` over everything else."""
+               dense_cls: type, data_parallel: bool = False) -> Tuple[DistributedModelParallel, Any]:
+    """The model on 2 ranks with ``cls`` fused into its tables and ``dense_cls`` over everything else; with
+    ``data_parallel`` every table is planned data_parallel (replicated)."""
     spec = registry.get(method)
     apply_optimizer_in_backward(cls, embedding_table_parameters(model.sparse), dict(kwargs))  # before planning
     sharders = sharders_for(model)
     constraints = spec.default_constraints(model.sparse, opts, TopologyInfo(WORLD, WORLD, "cpu"))
+    if data_parallel:
+        constraints = {name: dataclasses.replace(c, sharding_types=["data_parallel"], compute_kernels=["dense"])
+                       for name, c in constraints.items()}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD), constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
