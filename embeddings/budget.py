@@ -5,6 +5,10 @@ hot rows, their lookup keys, dictionaries, salts) as a fraction of the full tabl
 (``sum(num_embeddings_per_feature) * embedding_dim * 4``). ``hot_share`` of that budget buys hot rows (exact
 rows for the most frequent ids, ``embeddings.hot_rows``; each costs its row plus its lookup key), the method
 sizes its own tables from what remains. Optimizer state is reported separately and is not in the budget.
+
+``precision`` (:class:`PrecisionOptions`, the hashing trick and the chunk-table methods) is the tables' storage type:
+the budget buys rows at its real bytes per element (fp16: twice the rows of fp32 for the same bytes); the full
+tables the budget is a fraction of stay fp32. Optimizer state stays fp32 whatever the tables' precision.
 """
 
 from __future__ import annotations
@@ -13,11 +17,43 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from embeddings.checks import check_int, where
+from torchrec.modules.embedding_configs import DataType
+
+from embeddings.checks import check_choice, check_int, where
 from embeddings.hot_rows import HotSet
 from embeddings.types import SparseArchContext
 
 FLOAT_BYTES = 4
+PRECISIONS = ("fp32", "fp16")
+PRECISION_BYTES = {"fp32": 4, "fp16": 2}
+PRECISION_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+@dataclass
+class PrecisionOptions:
+    """The tables' storage precision (mixed into the options of the methods whose kernels train it).
+
+    - ``precision``: "fp32" or "fp16": the element type of every table (hot rows included: they are rows of the
+      same tables). fp16 tables train with fp32 arithmetic and stochastic rounding of each updated row on the fused
+      operator (``embeddings.ops.rounding``) and with fbgemm's FP16 TBE (``weights_precision``) when sharded; the
+      budget buys rows at 2 bytes an element. bf16 is not offered: TorchRec's unsharded EmbeddingBagCollection
+      stores every non-fp32 ``data_type`` as fp16.
+    """
+
+    precision: str = "fp32"
+
+    def check_precision(self) -> None:
+        check_choice("precision", self.precision, PRECISIONS)
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one table element at ``precision``."""
+        return PRECISION_BYTES[self.precision]
+
+    @property
+    def data_type(self) -> DataType:
+        """The inner tables' ``EmbeddingBagConfig.data_type``."""
+        return PRECISION_DATA_TYPES[self.precision]
 
 
 @dataclass
@@ -115,4 +151,4 @@ def remaining(total: int, used: int, what: str) -> int:
     return total - used
 
 
-__all__: Sequence[str] = ["BudgetOptions", "FLOAT_BYTES", "budget_bytes", "remaining", "select_hot", "split_rows"]
+__all__: Sequence[str] = ["BudgetOptions", "FLOAT_BYTES", "PRECISIONS", "PrecisionOptions", "budget_bytes", "remaining", "select_hot", "split_rows"]

@@ -35,7 +35,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
+from embeddings.budget import BudgetOptions, PrecisionOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.remap import (
     KERNELS,
     POOLINGS,
@@ -60,7 +60,7 @@ from embeddings.types import SparseArchContext
 
 
 @dataclass
-class ChunkedOptions(BudgetOptions):
+class ChunkedOptions(BudgetOptions, PrecisionOptions):
     """Options shared by the chunk-table methods (``robe``, ``lma``).
 
     - ``memory_fraction``: floats of the shared array(s) / floats of the full tables (default 1/16 when
@@ -81,6 +81,8 @@ class ChunkedOptions(BudgetOptions):
       elsewhere) or "tbe" (always the inner EmbeddingBagCollection); results are equal (tests/embeddings/test_chunk_bag.py).
     - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
       replaces ``memory_fraction`` / ``num_rows``).
+    - ``precision``: "fp32" or "fp16" storage of the arrays, hot rows included (they are rows of the same tables):
+      see ``embeddings.budget.PrecisionOptions``.
     """
 
     memory_fraction: Optional[float] = None
@@ -100,6 +102,7 @@ class ChunkedOptions(BudgetOptions):
         check_int("seed", self.seed, 0, (1 << 63) - 1)
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
         check_choice("kernel", self.kernel, KERNELS)
+        self.check_precision()
         self.check_budget()
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
@@ -204,13 +207,14 @@ class ChunkLayout(RemapLayout):
                      extra_bytes: Callable[[HotSet], int]) -> List[int]:
         """Addressed rows per group from the byte budget (sets the hot set first)."""
         assert options.budget is not None
-        hot = select_hot(ctx, options, self.embedding_dim * FLOAT_BYTES)
+        element = options.element_bytes
+        hot = select_hot(ctx, options, self.embedding_dim * element)
         self.hot = HotLookup(hot)
         count = len(self.feature_names)
         own = 8 * count * (2 + self.num_chunks + (1 if hot.total else 0))  # moduli, wraps, salts, hot bases
-        fixed = own + hot_bytes(hot) + hot.total * self.embedding_dim * FLOAT_BYTES + extra_bytes(hot)
+        fixed = own + hot_bytes(hot) + hot.total * self.embedding_dim * element + extra_bytes(hot)
         rows = remaining(budget_bytes(ctx, options.budget), fixed, "the hot rows and buffers")
-        rows //= self.chunk_size * FLOAT_BYTES
+        rows //= self.chunk_size * element
         left = [max(0, int(n) - h) for n, h in zip(self.full_rows, hot.sizes())]
         weights = [sum(left[i] for i, g in enumerate(self.groups.group_of_feature) if g == gi)
                    for gi in range(len(self.groups.groups))]
@@ -252,6 +256,7 @@ class ChunkLayout(RemapLayout):
                 name=self.table_name(g), embedding_dim=self.chunk_size, num_embeddings=rows,
                 feature_names=[self.chunk_feature(f, c) for f in group for c in range(self.num_chunks)],
                 pooling=pooling_type(self.options.pooling), init_fn=uniform_init(rows),
+                data_type=self.options.data_type,
             )
             for g, (group, rows) in enumerate(zip(self.groups.groups, self.table_rows_per_group))
         ]

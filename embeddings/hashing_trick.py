@@ -22,7 +22,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.budget import FLOAT_BYTES, BudgetOptions, budget_bytes, remaining, select_hot, split_rows
+from embeddings.budget import BudgetOptions, PrecisionOptions, budget_bytes, remaining, select_hot, split_rows
 from embeddings.remap import (
     KERNELS,
     DEFAULT_MEMORY_FRACTION,
@@ -49,7 +49,7 @@ from embeddings.types import SparseArchContext
 
 
 @dataclass
-class HashOptions(BudgetOptions):
+class HashOptions(BudgetOptions, PrecisionOptions):
     """Hashing-trick options.
 
     - ``memory_fraction``: rows of each table / rows of the feature's full table (default 1/16 when
@@ -66,6 +66,8 @@ class HashOptions(BudgetOptions):
       elsewhere) or "tbe" (always the inner EmbeddingBagCollection); results are equal (tests/embeddings/test_chunk_bag.py).
     - ``budget``, ``hot_share``, ``hot_min_count``: see ``embeddings.budget.BudgetOptions`` (``budget``
       replaces ``memory_fraction`` / ``num_rows``).
+    - ``precision``: "fp32" or "fp16" storage of the tables, hot rows included (they are rows of the same tables):
+      see ``embeddings.budget.PrecisionOptions``.
     """
 
     memory_fraction: Optional[float] = None
@@ -83,6 +85,7 @@ class HashOptions(BudgetOptions):
         check_choice("hash", self.hash, ("mix", "identity"))
         check_choice("hash_backend", self.hash_backend, HASH_BACKENDS)
         check_choice("kernel", self.kernel, KERNELS)
+        self.check_precision()
         self.check_budget()
         if self.budget is not None and (self.memory_fraction is not None or self.num_rows is not None):
             raise ValueError("set embeddings.options.budget or memory_fraction/num_rows, not both")
@@ -111,7 +114,7 @@ class HashLayout(RemapLayout):
     def _budget_rows(self, ctx: SparseArchContext, options: HashOptions) -> List[int]:
         """Hashed rows per feature from the byte budget (sets the hot set first)."""
         assert options.budget is not None
-        row_bytes = self.embedding_dim * FLOAT_BYTES
+        row_bytes = self.embedding_dim * options.element_bytes
         hot = select_hot(ctx, options, row_bytes)
         self.hot = HotLookup(hot)
         fixed = 3 * 8 * len(self.feature_names) + hot_bytes(hot) + hot.total * row_bytes  # salts, rows, wrap
@@ -126,7 +129,7 @@ class HashLayout(RemapLayout):
         return [
             EmbeddingBagConfig(name=self.table_name(f), embedding_dim=self.embedding_dim, num_embeddings=rows + hot,
                                feature_names=[f], pooling=pooling_type(self.options.pooling),
-                               init_fn=uniform_init(rows + hot))
+                               init_fn=uniform_init(rows + hot), data_type=self.options.data_type)
             for f, rows, hot in zip(self.feature_names, self.rows, self.hot.sizes)
         ]
 
