@@ -1,7 +1,8 @@
 """The embedding stage of the hashed chunk-table methods as registered torch operators: hot-row lookup, salted
 hashes, chunk addresses, gather and pooling in one pass over a batch's ids (``compactrec::chunk_bag_forward``), and
 the backward that sums the gradient of every touched row and applies the fused optimizer in place
-(``compactrec::chunk_bag_backward``: SGD, Adagrad, row-wise Adagrad, fbgemm's TBE update).
+(``compactrec::chunk_bag_backward``: SGD, Adagrad, row-wise Adagrad, fbgemm's TBE update; fp16 / bf16 tables updated in
+float32 and stored stochastically rounded, ``embeddings.ops.rounding``).
 
 One shape covers the hashing trick (``C = 1`` chunk of ``dim`` floats, one table per feature), ROBE-Z (``C`` chunks
 of ``Z`` floats, one table per feature group, any ``Z``) and LMA (its dictionary's chunk addresses computed first
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from embeddings.hot_rows import find_hot, reference_slots, slot_capacity
-from embeddings.ops import library
+from embeddings.ops import library, rounding
 from embeddings.ops import salted_hash as fused_hash
 
 logger = logging.getLogger(__name__)
@@ -113,38 +114,36 @@ def pair_gradients(grad_out: torch.Tensor, lengths: torch.Tensor, num_features: 
     sample = bag - feature * batch
     width = grad_out.shape[1] // (num_features * num_chunks)
     g = grad_out.view(batch, num_features, num_chunks, width)[sample, feature]
-    if pooling == 1:
-        g = g / lengths.to(torch.int64)[bag].to(grad_out.dtype)[:, None, None]
+    if pooling == 1:  # times the float32 reciprocal, as the kernel scales
+        count = lengths.to(torch.int64)[bag].to(torch.float32)
+        g = g * (torch.ones_like(count) / count)[:, None, None]
     return g, feature
 
 
 def _torch_backward(weights: List[torch.Tensor], states: List[torch.Tensor], grad_out: torch.Tensor,
                     addresses: torch.Tensor, lengths: torch.Tensor, table_of_feature: torch.Tensor,
                     num_chunks: int, pooling: int, optimizer: int, lr: float, eps: float, weight_decay: float,
-                    scratch: List[torch.Tensor]) -> None:
-    g, feature = pair_gradients(grad_out, lengths, table_of_feature.numel(), num_chunks, pooling)
+                    scratch: List[torch.Tensor], rounding_seed: int = 0) -> None:
+    """The C++ backward's maths: each touched row's gradient summed over its lookups in the kernel's order (sample by
+    sample, then feature, id and chunk), then one float32 update per row (:func:`embeddings.ops.rounding.update_rows`,
+    stochastically rounded for fp16 / bf16 tables)."""
+    num_features = table_of_feature.numel()
+    g, feature = pair_gradients(grad_out, lengths, num_features, num_chunks, pooling)
+    _, bag, batch = _bag_index(lengths, num_features)
+    order = torch.sort((bag % batch) * num_features + feature, stable=True)[1]  # sample-major, ids kept in order
+    g, feature = g[order], feature[order]
     table = table_of_feature[feature][:, None].expand(-1, num_chunks).reshape(-1)
-    g = g.reshape(-1, g.shape[-1])
-    rows = addresses.reshape(-1)
+    g = g.reshape(-1, g.shape[-1]).to(torch.float32)
+    rows = addresses[order].reshape(-1)
+    states = list(states) if optimizer >= 2 else [None] * len(weights)  # type: ignore[list-item]
     for t, w in enumerate(weights):
         mask = table == t
         if not bool(mask.any()):
             continue
         unique, inverse = torch.unique(rows[mask], return_inverse=True)
-        summed = torch.zeros(unique.numel(), w.shape[1], dtype=w.dtype, device=w.device).index_add_(0, inverse, g[mask])
-        current = w[unique]
-        if weight_decay and optimizer >= 2:
-            summed = summed + weight_decay * current
-        if optimizer == 1:
-            w[unique] = current - lr * summed
-        elif optimizer == 2:
-            m = states[t].view(w.shape)
-            m[unique] += summed * summed
-            w[unique] = current - lr * summed / (m[unique].sqrt() + eps)
-        else:
-            m = states[t].view(-1)
-            m[unique] += (summed * summed).mean(1)
-            w[unique] = current - (lr / (m[unique].sqrt() + eps))[:, None] * summed
+        summed = torch.zeros(unique.numel(), w.shape[1], dtype=torch.float32, device=w.device)
+        summed.index_add_(0, inverse, g[mask])  # in order on CPU: the kernel's sums, bit for bit
+        rounding.update_rows(w, states[t], unique, summed, optimizer, lr, eps, weight_decay, rounding_seed, t)
 
 
 def _torch_hot_slots(keys: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -234,6 +233,16 @@ class FusedUpdate:
     group: Any = None  # a process group: the tables are replicas, updated with every rank's lookups (replicate())
 
 
+def _float32_state(optimizer: Any, weight: torch.Tensor) -> torch.Tensor:
+    """The optimizer's ``sum`` state of ``weight``, made float32 in place in the optimizer (torch creates it in the
+    table's dtype: fp16 for fp16 tables; the fused update keeps float32 state, as fbgemm's TBE does)."""
+    state = optimizer.state[weight]["sum"]
+    if state.dtype != torch.float32:
+        state = state.to(torch.float32)
+        optimizer.state[weight]["sum"] = state
+    return state
+
+
 def fused_update_of(weights: Sequence[torch.nn.Parameter]) -> Optional[FusedUpdate]:
     """The fused update the trainer attached to ``weights`` (``apply_optimizer_in_backward``), or None when they
     have none (a dense gradient is then returned). Raises for an in-backward optimizer this kernel lacks."""
@@ -248,9 +257,9 @@ def fused_update_of(weights: Sequence[torch.nn.Parameter]) -> Optional[FusedUpda
         optimizer = w._in_backward_optimizers[0]  # type: ignore[attr-defined]
         group = optimizer.param_groups[0]
         if isinstance(optimizer, RowWiseAdagrad):
-            code, state = 3, optimizer.state[w]["sum"]
+            code, state = 3, _float32_state(optimizer, w)
         elif isinstance(optimizer, torch.optim.Adagrad):
-            code, state = 2, optimizer.state[w]["sum"]
+            code, state = 2, _float32_state(optimizer, w)
         elif isinstance(optimizer, torch.optim.SGD):
             if group.get("momentum", 0) or group.get("weight_decay", 0):
                 raise ValueError("compactrec::chunk_bag: fused SGD takes no momentum and no weight decay (as fbgemm's)")
@@ -326,6 +335,15 @@ def gather_union(group: Any, grad: torch.Tensor, addresses: torch.Tensor, length
     return (torch.cat(union_grad) / world, torch.cat(union_addr).contiguous(), torch.cat(union_len))
 
 
+def next_rounding_seed(weight: torch.Tensor) -> int:
+    """The rounding stream of this backward call of ``weight``'s tables: a per-table counter of fused updates, the
+    same on every replica (fp16 / bf16 tables; ``embeddings.ops.rounding``). It is not checkpointed: a resumed run
+    restarts it at 0, which keeps the rounding unbiased but not bit-identical to an uninterrupted run."""
+    step = int(getattr(weight, "_compactrec_rounding_step", 0))
+    weight._compactrec_rounding_step = step + 1  # type: ignore[attr-defined]
+    return step
+
+
 class _ChunkBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor, lengths: torch.Tensor, args: BagArgs,
@@ -347,7 +365,8 @@ class _ChunkBag(torch.autograd.Function):
                 grad, addr, lengths = gather_union(update.group, grad, addr, lengths, args.table_of_feature.numel())
             torch.ops.compactrec.chunk_bag_backward(
                 tables, update.states, grad, addr, lengths, args.table_of_feature, args.num_chunks, args.pooling,
-                update.optimizer, update.lr, update.eps, update.weight_decay, update.scratch)
+                update.optimizer, update.lr, update.eps, update.weight_decay, update.scratch,
+                next_rounding_seed(ctx.weights[0]))
             return (None, None, None, None, None) + (None,) * len(tables)
         g, feature = pair_gradients(grad, lengths, args.table_of_feature.numel(), args.num_chunks, args.pooling)
         table = args.table_of_feature[feature][:, None].expand(-1, args.num_chunks).reshape(-1)
@@ -375,4 +394,4 @@ def available() -> bool:
 
 
 __all__ = ["BagArgs", "FusedUpdate", "OPTIMIZERS", "available", "ensure_ops", "forward", "fused_update_of",
-           "gather_union", "lookup", "replicate", "torch_addresses"]
+           "gather_union", "lookup", "next_rounding_seed", "replicate", "torch_addresses"]

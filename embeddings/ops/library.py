@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "compactrec"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "salted_hash.cpp", CSRC / "chunk_bag.cpp"]
-HEADERS = [CSRC / "id_maths.h"]
-_CFLAGS = ["-O3"]
+HEADERS = [CSRC / "id_maths.h", CSRC / "rounding.h"]
+_CFLAGS = ["-O3", "-ffp-contract=off"]  # no fused multiply-add: the torch reference rounds every product
 SCHEMAS: Dict[str, str] = {
     "salted_hash": "salted_hash(Tensor values, Tensor? feature, Tensor salts, Tensor? mods=None) -> Tensor",
     "chunk_bag_forward": (
@@ -39,7 +39,7 @@ SCHEMAS: Dict[str, str] = {
     "chunk_bag_backward": (
         "chunk_bag_backward(Tensor(a!)[] weights, Tensor(b!)[] states, Tensor grad_out, Tensor addresses, "
         "Tensor lengths, Tensor table_of_feature, int num_chunks, int pooling, int optimizer, float lr, float eps, "
-        "float weight_decay, Tensor(c!)[] scratch) -> ()"),
+        "float weight_decay, Tensor(c!)[] scratch, int rounding_seed=0) -> ()"),
     "hot_slots": "hot_slots(Tensor keys, int capacity) -> Tensor",
 }
 

@@ -11,6 +11,8 @@
 // Backward with a fused optimizer (in place, the same update as fbgemm's TBE: the gradient of each touched row is
 // summed over its lookups first, then one update per row): 1 = SGD, 2 = Adagrad (element-wise sum of squares),
 // 3 = row-wise Adagrad (the row's mean square). weight_decay adds weight_decay * w to the summed gradient (L2).
+// fp16 / bf16 tables: the row is read as float32, updated in float32 (the state is float32) and stored back with
+// stochastic rounding (rounding.h; rounding_seed picks the step's random stream); SGD then sums first too.
 //
 // The Python side (embeddings/ops/chunk_bag.py) registers the torch reference used on every other device, the fake
 // kernels for torch.export, and the autograd wiring.
@@ -24,6 +26,7 @@
 #include <torch/library.h>
 
 #include "id_maths.h"
+#include "rounding.h"
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +34,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -384,12 +388,11 @@ struct Partition {
 void backward_cpu(at::TensorList weights, at::TensorList states, const at::Tensor& grad_out,
                   const at::Tensor& addresses, const at::Tensor& lengths, const at::Tensor& table_of_feature,
                   int64_t num_chunks, int64_t pooling, int64_t optimizer, double lr, double eps, double weight_decay,
-                  at::TensorList scratch) {
+                  at::TensorList scratch, int64_t rounding_seed) {
   TORCH_CHECK(optimizer >= 1 && optimizer <= 3,
               "compactrec::chunk_bag_backward: optimizer must be 1 (sgd), 2 (adagrad) or 3 (rowwise_adagrad), got ",
               optimizer);
   const Tables tables = table_views(weights, "weights");
-  TORCH_CHECK(tables.dtype == at::kFloat, "compactrec::chunk_bag_backward: trains float32 tables, got ", tables.dtype);
   const int64_t C = num_chunks, Z = tables.width, T = (int64_t)weights.size();
   TORCH_CHECK(addresses.dim() == 2 && addresses.size(1) == C && addresses.scalar_type() == at::kLong &&
                   addresses.is_contiguous(),
@@ -448,7 +451,7 @@ void backward_cpu(at::TensorList weights, at::TensorList states, const at::Tenso
       }
     }
   };
-  if (optimizer == 1) {
+  if (optimizer == 1 && tables.dtype == at::kFloat) {
     // SGD is linear: each lookup's step applied in turn is the summed step (up to float rounding), no map needed
     at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
       for (int64_t p = pb; p < pe; ++p) {
@@ -497,42 +500,63 @@ void backward_cpu(at::TensorList weights, at::TensorList states, const at::Tenso
       });
     }
   });
-  // 2. one update per touched row; the scratch map is left all -1 again
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      Partition& mine = part[p];
-      const size_t count = mine.row.size();
-      for (size_t u = 0; u < count; ++u) {
-        if (u + kAhead < count) {
-          const int64_t ta = mine.table[u + kAhead], ra = mine.row[u + kAhead];
-          prefetch_write(reinterpret_cast<float*>(tables.data[ta]) + ra * Z);
-          prefetch_write(state[ta] + (optimizer == 2 ? ra * Z : ra));
-        }
-        const int64_t t = mine.table[u], r = mine.row[u];
-        map[t][r] = -1;
-        float* w = reinterpret_cast<float*>(tables.data[t]) + r * Z;
-        float* gr = mine.grad.data() + u * Z;
-        if (fwd != 0.0f && optimizer >= 2)
-          for (int64_t j = 0; j < Z; ++j) gr[j] += fwd * w[j];
-        if (optimizer == 1) {
-          for (int64_t j = 0; j < Z; ++j) w[j] -= flr * gr[j];
-        } else if (optimizer == 2) {
-          float* m = state[t] + r * Z;
-          for (int64_t j = 0; j < Z; ++j) {
-            m[j] += gr[j] * gr[j];
-            w[j] -= flr * gr[j] / (std::sqrt(m[j]) + feps);
+  // 2. one update per touched row, in float32; the scratch map is left all -1 again. fp16 / bf16 tables store the
+  // updated row stochastically rounded (rounding.h), with the random stream of (rounding_seed, table, element).
+  std::vector<uint64_t> stream(T);
+  for (int64_t t = 0; t < T; ++t) stream[t] = compactrec::rounding_stream(rounding_seed, t);
+  auto update_rows = [&](auto tag) {
+    using Elem = decltype(tag);
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      std::vector<float> cur(Z);
+      for (int64_t p = pb; p < pe; ++p) {
+        Partition& mine = part[p];
+        const size_t count = mine.row.size();
+        for (size_t u = 0; u < count; ++u) {
+          if (u + kAhead < count) {
+            const int64_t ta = mine.table[u + kAhead], ra = mine.row[u + kAhead];
+            prefetch_write(reinterpret_cast<Elem*>(tables.data[ta]) + ra * Z);
+            if (optimizer >= 2) prefetch_write(state[ta] + (optimizer == 2 ? ra * Z : ra));
           }
-        } else {
-          float sq = 0.0f;
-          for (int64_t j = 0; j < Z; ++j) sq += gr[j] * gr[j];
-          float& m = state[t][r];
-          m += sq / (float)Z;
-          const float mult = flr / (std::sqrt(m) + feps);
-          for (int64_t j = 0; j < Z; ++j) w[j] -= mult * gr[j];
+          const int64_t t = mine.table[u], r = mine.row[u];
+          map[t][r] = -1;
+          Elem* w = reinterpret_cast<Elem*>(tables.data[t]) + r * Z;
+          for (int64_t j = 0; j < Z; ++j) cur[j] = to_float(w[j]);
+          float* gr = mine.grad.data() + u * Z;
+          if (fwd != 0.0f && optimizer >= 2)
+            for (int64_t j = 0; j < Z; ++j) gr[j] += fwd * cur[j];
+          if (optimizer == 1) {
+            for (int64_t j = 0; j < Z; ++j) cur[j] -= flr * gr[j];
+          } else if (optimizer == 2) {
+            float* m = state[t] + r * Z;
+            for (int64_t j = 0; j < Z; ++j) {
+              m[j] += gr[j] * gr[j];
+              cur[j] -= flr * gr[j] / (std::sqrt(m[j]) + feps);
+            }
+          } else {
+            float sq = 0.0f;
+            for (int64_t j = 0; j < Z; ++j) sq += gr[j] * gr[j];
+            float& m = state[t][r];
+            m += sq / (float)Z;
+            const float mult = flr / (std::sqrt(m) + feps);
+            for (int64_t j = 0; j < Z; ++j) cur[j] -= mult * gr[j];
+          }
+          if constexpr (std::is_same_v<Elem, float>) {
+            for (int64_t j = 0; j < Z; ++j) w[j] = cur[j];
+          } else if constexpr (std::is_same_v<Elem, c10::Half>) {
+            for (int64_t j = 0; j < Z; ++j) w[j] = compactrec::round_half(cur[j], compactrec::rounding_bits(stream[t], r * Z + j));
+          } else {
+            for (int64_t j = 0; j < Z; ++j)
+              w[j] = compactrec::round_bfloat16(cur[j], compactrec::rounding_bits(stream[t], r * Z + j));
+          }
         }
       }
-    }
-  });
+    });
+  };
+  switch (tables.dtype) {
+    case at::kHalf: update_rows(c10::Half()); break;
+    case at::kBFloat16: update_rows(c10::BFloat16()); break;
+    default: update_rows(0.0f); break;
+  }
   const int64_t b = bad.load();
   TORCH_CHECK(b < 0, "compactrec::chunk_bag_backward: id ", b, " addresses a row outside its table");
 }
@@ -569,7 +593,7 @@ TORCH_LIBRARY_FRAGMENT(compactrec, m) {
         "-> (Tensor, Tensor)");
   m.def("chunk_bag_backward(Tensor(a!)[] weights, Tensor(b!)[] states, Tensor grad_out, Tensor addresses, "
         "Tensor lengths, Tensor table_of_feature, int num_chunks, int pooling, int optimizer, float lr, float eps, "
-        "float weight_decay, Tensor(c!)[] scratch) -> ()");
+        "float weight_decay, Tensor(c!)[] scratch, int rounding_seed=0) -> ()");
   m.def("hot_slots(Tensor keys, int capacity) -> Tensor");
 }
 
