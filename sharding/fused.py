@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.types import (
     Awaitable,
@@ -43,6 +44,7 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -72,6 +74,39 @@ def replicated_fused_reason(module: RemappedEmbeddingBagCollection, params: Dict
     if chunk_bag.fused_update_of(weights) is None:  # type: ignore[arg-type]
         return "its tables carry no in-backward optimizer"
     return None
+
+
+def _materialize(module: RemappedEmbeddingBagCollection, device: torch.device) -> None:
+    """``module`` on ``device``: a module built on the meta device (as the trainer builds it, for DMP to place)
+    gets its tables allocated and initialised as TorchRec initialises an EBC's (``reset_parameters``: each
+    config's ``init_fn``, else uniform in +-sqrt(1 / rows)), its layout buffers rebuilt from the layout and its
+    in-backward optimizers re-attached to the new parameters with fresh state (rank 0's tables and state are then
+    broadcast). A module already holding data is moved."""
+    if not any(p.is_meta for p in module.parameters()):
+        module.to(device)
+        return
+    attached = {}
+    for name, param in module.ebc.named_parameters():
+        if hasattr(param, "_optimizer_classes"):
+            attached[name] = (param._optimizer_classes[0], dict(param._optimizer_kwargs[0]))  # type: ignore[attr-defined]
+    module.ebc.to_empty(device=device)
+    with torch.no_grad():  # EmbeddingBagCollection.reset_parameters skips a module built on meta
+        for config in module.ebc.embedding_bag_configs():
+            weight = module.ebc.embedding_bags[config.name].weight
+            if config.init_fn is not None:
+                config.init_fn(weight)
+            else:
+                bound = (1.0 / config.num_embeddings) ** 0.5
+                torch.nn.init.uniform_(weight, -bound, bound)
+    for name, tensor in module.layout.all_buffers(device).items():
+        setattr(module, name, tensor)
+    params = dict(module.ebc.named_parameters())
+    for name, (cls, kwargs) in attached.items():
+        param = params[name]
+        for attr in ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs"):
+            if hasattr(param, attr):
+                delattr(param, attr)
+        apply_optimizer_in_backward(cls, [param], kwargs)
 
 
 class FusedTableOptimizer(KeyedOptimizer):
@@ -109,10 +144,10 @@ class ReplicatedFusedEmbeddingBagCollection(
         super().__init__()
         if env.process_group is None:
             raise ValueError("replicated fused tables need a process-group sharding environment")
+        _materialize(module, device)
         plan = module._fused_plan(device)
         if plan is None:
             raise ValueError(f"{module.layout.method}: the fused operator does not run this module on {device}")
-        module = module.to(device)
         self._unsharded = [module]  # a list: not a submodule (its ``ebc`` is registered here, with the same names)
         self._unsharded_type: Type[nn.Module] = type(module)
         self._plan = plan
@@ -141,7 +176,8 @@ class ReplicatedFusedEmbeddingBagCollection(
     # ---- the pipelined steps ------------------------------------------------------------------
     def input_dist(self, ctx: NullShardedModuleContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        return NoWait(NoWait(KJTList([features])))
+        # the pipeline fuses its modules' input-dist splits: it expects this type (a KJT all-to-all's awaitables)
+        return KJTListSplitsAwaitable([NoWait(NoWait(features))], ctx)
 
     def compute(self, ctx: NullShardedModuleContext, dist_input: KJTList) -> List[torch.Tensor]:
         return [self._unsharded[0]._fused_forward(dist_input[0], self._plan).values()]

@@ -24,7 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from embeddings.types import TopologyInfo
 from trainer.config import Config, ShardingConfig
 from trainer.train.model import SparseArch
-from sharding.plan_estimators import HostCommsBandwidths, InlineInputDistEstimator
+from sharding.plan_estimators import FusedReplicaEstimator, HostCommsBandwidths, InlineInputDistEstimator
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
@@ -111,12 +111,13 @@ def _table_pooling_factors(arch: SparseArch) -> Dict[str, float]:
 def make_enumerator(config: Config, arch: SparseArch, sharders: List[ModuleSharder[nn.Module]],
                     info: TopologyInfo) -> EmbeddingEnumerator:
     """Candidate placements of every table, priced by TorchRec's perf and storage estimators plus
-    :class:`sharding.plan_estimators.InlineInputDistEstimator` (the planner's cost model; ``sharding.placement_costs``
-    prints what it estimates)."""
+    :class:`sharding.plan_estimators.InlineInputDistEstimator` and ``FusedReplicaEstimator`` (the planner's cost
+    model; ``sharding.placement_costs`` prints what it estimates)."""
     topo = topology(info, config.sharding)
     cons = constraints(arch, sharders, config.sharding, info)
     estimators = [EmbeddingPerfEstimator(topology=topo, constraints=cons),
                   InlineInputDistEstimator(topology=topo, constraints=cons),
+                  FusedReplicaEstimator(topology=topo, constraints=cons),
                   EmbeddingStorageEstimator(topology=topo, constraints=cons)]
     return EmbeddingEnumerator(topology=topo, batch_size=config.data.batch_size, constraints=cons,
                                estimator=estimators)
