@@ -55,6 +55,8 @@ MODIFIERS = {  # <method>[+modifier...]: overrides of that variant
     "dp": ["sharding.tables={memrec_tokens: {sharding_types: [data_parallel], compute_kernels: [dense]}}"],  # memrec
     # configs/kaggle_100x.yaml's table options (ROBE-Z, 1/100 of the bytes, half on hot rows, 4-float chunks)
     "p100": ["embeddings.options.budget=0.01", "embeddings.options.hot_share=0.5", "embeddings.options.chunk_size=4"],
+    "p1000": ["embeddings.options.budget=0.001", "embeddings.options.hot_share=0", "embeddings.options.chunk_size=4"],
+    "p10": ["embeddings.options.budget=0.1", "embeddings.options.hot_share=0.5"],  # kaggle_10x's (hash)
     # robe's array replicated: with kernel auto on CPU it runs on the fused operator (sharding.fused)
     "rep": ["sharding.tables={robe_memory: {sharding_types: [data_parallel], compute_kernels: [dense]}}"],
 }

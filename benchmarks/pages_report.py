@@ -86,7 +86,7 @@ def e2e(path: Path, opt: Dict[str, str]) -> List[str]:
     for r in runs:
         rss, anon = r["peak_rss_mib_per_rank"], r["peak_anon_mib_per_rank"]
         rounds = ", ".join(f"{x / 1000:.1f}k" for x in sorted(r.get("samples_per_s_all_rounds", [])))
-        share = r["transform_ms"] / r["step_ms"] if r.get("step_ms") else float("nan")
+        share = r["transform_ms"] / r["step_ms"] if r.get("step_ms") and "transform_ms" in r else float("nan")
         row = [r["method"], f"{r['memory_bytes'] / 2**20:,.2f} MiB ({r['compression']:.1f}x)"]
         if placement:
             counts: Dict[str, int] = {}
@@ -96,7 +96,8 @@ def e2e(path: Path, opt: Dict[str, str]) -> List[str]:
         row += [f"{r['samples_per_s']:,.0f}" + (f" [{rounds}]" if rounds else ""),
                 f"{r['samples_per_s'] / full['samples_per_s']:.2f}" if full else "-",
                 f"{rss['0']:,.0f} / {rss['1']:,.0f}", f"{anon['0']:,.0f} / {anon['1']:,.0f}",
-                f"{r['transform_ms']:.2f} [{r['transform_p10_ms']:.2f}, {r['transform_p90_ms']:.2f}] ({share:.1%})",
+                (f"{r['transform_ms']:.2f} [{r['transform_p10_ms']:.2f}, {r['transform_p90_ms']:.2f}] ({share:.1%})"
+                 if "transform_ms" in r else "not timed"),
                 f"{r['val_auc']:.4f}" if r.get("val_auc") is not None else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
