@@ -1,7 +1,8 @@
 """``compactrec export --format aoti``: the inference model compiled with AOTInductor scores like the eager
 artifact from Python and from a C++ program (``tests/trainer/cpp/aoti_score.cpp``), for ``full``, ``hash``,
-``robe`` (a chunked method), ``lma`` and ``memrec`` at fp32 and int8 (``qr``, MEM-REC per sample / hot rows and
-fp16 / int4 are not compiled here: each compile takes ~13 s on two cores); a row outside its table (fbgemm's own
+``robe`` (a chunked method), ``lma`` and ``memrec`` at fp32 and int8, ``qr`` at fp32 and ``hash`` at fp16: every
+method and every precision that compiles at least once (int4 does not compile: a clear error before compiling;
+MEM-REC per sample / hot rows are not compiled here: each compile takes ~13 s on two cores); a row outside its table (fbgemm's own
 bounds check is off in packages) and bad lengths are errors with no output; the CLI writes a package and
 ``compactrec score`` reads it."""
 
@@ -24,7 +25,8 @@ from trainer.serve import aoti, pt2
 from trainer.serve.artifact import ArtifactError, load
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = [(m, p) for m in ("full", "hash", "robe", "lma", "memrec") for p in ("fp32", "int8")]
+CASES = [(m, p) for m in ("full", "hash", "robe", "lma", "memrec") for p in ("fp32", "int8")] + [
+    ("qr", "fp32"), ("hash", "fp16")]  # every method and every precision that compiles at least once
 Inputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -217,3 +219,11 @@ def test_a_pt2_program_with_fbgemms_bounds_check_is_refused_before_compiling(pac
     with pytest.raises(ValueError, match="calls fbgemm::bounds_check_indices, which AOTInductor does not compile"):
         aoti.compile_package(torch.export.load(program), tmp_path / "package.pt2")
     assert not (tmp_path / "package.pt2").exists()
+
+
+def test_int4_tables_are_refused_before_compiling_naming_the_cause(packages: Packages, tmp_path: Path) -> None:
+    """int4 does not compile (``aoti.UNCOMPILABLE``: torchrec's UInt4Tensor has no ``aten.as_strided``): refused
+    with the cause and the alternatives, before any compile, and no package is written."""
+    with pytest.raises(ValueError, match="int4 tables do not compile with AOTInductor.*as_strided.*--format pt2"):
+        aoti.compile_package(packages.artifact("robe", "int4"), tmp_path / "int4.pt2")
+    assert not list(tmp_path.glob("*.pt2"))

@@ -162,6 +162,14 @@ def _refuses_bounds_check(program: torch.export.ExportedProgram) -> None:
                              "which traces it with the check in torch ops")
 
 
+#: precisions whose tables AOTInductor cannot compile with this torch / torchrec, and why (checked by the tests)
+UNCOMPILABLE: Dict[str, str] = {
+    "int4": "torchrec's packed 4-bit weight tensor (torchrec.tensor_types.UInt4Tensor, the quantized EBC's int4 "
+            "tables) implements no aten.as_strided, which Inductor's lowering calls; export int8 or fp16 for "
+            "AOTInductor, or int4 as a torch.export program (--format pt2)",
+}
+
+
 def compile_package(program_or_artifact: Union[InferenceModel, str, Path, torch.export.ExportedProgram],
                     out_path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Compile an eager artifact (a loaded :class:`InferenceModel` or its path) or an ExportedProgram of the
@@ -176,8 +184,11 @@ def compile_package(program_or_artifact: Union[InferenceModel, str, Path, torch.
         exported = program_or_artifact
         meta = {**(metadata or {}), "format": FORMAT, "version": VERSION}
     else:
-        pt2.check_exportable(str(program_or_artifact.metadata["embeddings"]),
-                             str(program_or_artifact.metadata["precision"]))
+        precision = str(program_or_artifact.metadata["precision"])
+        pt2.check_exportable(str(program_or_artifact.metadata["embeddings"]), precision)
+        if precision in UNCOMPILABLE:
+            raise ValueError(f"--format aoti: {precision} tables do not compile with AOTInductor: "
+                             f"{UNCOMPILABLE[precision]}")
         exported = export_for_package(program_or_artifact)
         meta = _metadata(program_or_artifact)
     out = Path(out_path)
